@@ -1,0 +1,302 @@
+"""The OmniTransfer transformer: Wan2.1 blocks with Reference-decoupled Causal Learning (RCL).
+
+One set of Wan block weights serves two branches:
+- the reference branch runs each reference at timestep 0, with its own RoPE positions (Task-aware
+  Positional Bias, see ``tasks.reference_offsets``) and its own text context; its self-attention sees
+  only its own tokens, so it never depends on the target or on the denoising step;
+- the target branch runs the noisy target at timestep t; its self-attention attends over its own keys
+  plus every reference's keys of the same layer; it cross-attends to the prompt and its first frame's
+  CLIP tokens. Only target tokens produce output.
+
+Because the reference branch is independent of the target, its per-layer keys and values are computed
+once (``encode_references``) and reused at every denoising step and for both guidance branches.
+
+The parameters are exactly those of diffusers' ``WanTransformer3DModel`` (same module names and
+shapes), so diffusers-format Wan2.1 checkpoints load unchanged. The per-block math re-expresses
+``WanTransformerBlock.forward`` over its own modules; with no reference it matches diffusers' output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import (
+    WanTimeTextImageEmbedding,
+    WanTransformer3DModel,
+    WanTransformerBlock,
+)
+
+from .rope import apply_rotary, rope_tables
+from .tasks import Grid, Task, reference_offsets
+
+KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, S, heads, head_dim), rotated keys
+
+
+@dataclass
+class ReferenceInput:
+    """One reference for the transformer: its 36-channel latent and the embedding of its caption."""
+
+    latents: torch.Tensor  # (B, 2z + 4, f, h, w), from conditioning.reference_input
+    task: Task
+    context: torch.Tensor  # (B, L, text_dim): text-encoder output of the reference caption ("" by default)
+
+
+@dataclass
+class ReferenceCache:
+    """Per-layer keys/values of all references, concatenated along the sequence: reused at every step."""
+
+    target_grid: Grid
+    kv: list[KV] = field(default_factory=list)  # one (keys, values) per block, each (B, S_ref, heads, head_dim)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.kv[0][0].shape[1] if self.kv else 0
+
+
+def _tile_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Repeat a cached (B_ref, ...) tensor to a target batch that stacks n copies (e.g. both guidance branches)."""
+    if x.shape[0] == batch:
+        return x
+    if batch % x.shape[0]:
+        raise ValueError(f"target batch {batch} is not a multiple of the reference batch {x.shape[0]}")
+    return x.repeat(batch // x.shape[0], *([1] * (x.dim() - 1)))
+
+
+class OmniTransferBlock(WanTransformerBlock):
+    """A Wan block whose self-attention can add extra keys/values and returns its own keys/values."""
+
+    def _modulation(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Six modulation vectors (shift, scale, gate for attention; the same for the FFN)."""
+        if temb.ndim == 4:  # per-token timesteps: (B, S, 6, D) -> six (B, S, D)
+            return tuple(m.squeeze(2) for m in (self.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2))
+        return (self.scale_shift_table + temb.float()).chunk(6, dim=1)  # (B, 6, D) -> six (B, 1, D)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend) -> torch.Tensor:
+        out = dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, backend=backend)
+        return out.flatten(2, 3).type_as(q)  # (B, S, heads, head_dim) -> (B, S, D)
+
+    def _cross_attention(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
+        attn = self.attn2
+        backend = attn.processor._attention_backend
+        q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(text)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(text).unflatten(2, (attn.heads, -1))
+        image_out = None
+        if image is not None and attn.add_k_proj is not None:
+            k_img = attn.norm_added_k(attn.add_k_proj(image)).unflatten(2, (attn.heads, -1))
+            v_img = attn.add_v_proj(image).unflatten(2, (attn.heads, -1))
+            image_out = self._attend(q, k_img, v_img, backend)
+        out = self._attend(q, k, v, backend)
+        if image_out is not None:
+            out = out + image_out
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor],
+        text: torch.Tensor | None,
+        image: torch.Tensor | None = None,
+        extra_kv: KV | None = None,
+        kv_only: bool = False,
+    ) -> tuple[torch.Tensor | None, KV]:
+        """One block over tokens (B, S, D). Returns (new hidden states, this layer's (keys, values)).
+
+        ``extra_kv`` (keys/values of other tokens, e.g. the references') are appended to this block's
+        own keys/values in self-attention: queries see them, they never see the queries. With
+        ``kv_only`` the block stops after computing its keys/values (the reference's last layer).
+        """
+        shift, scale, gate, c_shift, c_scale, c_gate = self._modulation(temb)
+        attn = self.attn1
+
+        # 1. Self-attention (one-way towards extra_kv)
+        x = (self.norm1(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+        q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))  # (B, S, heads, head_dim)
+        k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(x).unflatten(2, (attn.heads, -1))
+        q, k = apply_rotary(q, *rotary_emb), apply_rotary(k, *rotary_emb)
+        if kv_only:
+            return None, (k, v)
+        keys, values = k, v
+        if extra_kv is not None:
+            batch = q.shape[0]
+            keys = torch.cat([k, _tile_batch(extra_kv[0], batch)], dim=1)  # (B, S + S_ref, heads, head_dim)
+            values = torch.cat([v, _tile_batch(extra_kv[1], batch)], dim=1)
+        out = attn.to_out[1](attn.to_out[0](self._attend(q, keys, values, attn.processor._attention_backend)))
+        hidden_states = (hidden_states.float() + out * gate).type_as(hidden_states)
+
+        # 2. Cross-attention
+        x = self.norm2(hidden_states.float()).type_as(hidden_states)
+        hidden_states = hidden_states + self._cross_attention(x, text, image)
+
+        # 3. Feed-forward
+        x = (self.norm3(hidden_states.float()) * (1 + c_scale) + c_shift).type_as(hidden_states)
+        hidden_states = (hidden_states.float() + self.ffn(x).float() * c_gate).type_as(hidden_states)
+        return hidden_states, (k, v)
+
+
+class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    """Wan2.1 DiT with a reference branch (RCL) and task-aware reference positions (TPB).
+
+    Configuration and parameter names are those of diffusers' ``WanTransformer3DModel``.
+    """
+
+    _supports_gradient_checkpointing = False  # activation checkpointing is applied from outside
+    _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm"]
+    _no_split_modules = ["OmniTransferBlock"]
+    _keep_in_fp32_modules = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
+    _keys_to_ignore_on_load_unexpected = ["norm_added_q"]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 36,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = 1280,
+        added_kv_proj_dim: int | None = 5120,
+        rope_max_seq_len: int = 1024,  # kept for config compatibility: our tables cover any position
+        pos_embed_seq_len: int | None = None,
+    ) -> None:
+        super().__init__()
+        dim = num_attention_heads * attention_head_dim
+        self.patch_embedding = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.condition_embedder = WanTimeTextImageEmbedding(
+            dim=dim,
+            time_freq_dim=freq_dim,
+            time_proj_dim=dim * 6,
+            text_embed_dim=text_dim,
+            image_embed_dim=image_dim,
+            pos_embed_seq_len=pos_embed_seq_len,
+        )
+        self.blocks = nn.ModuleList(
+            [
+                OmniTransferBlock(dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
+                for _ in range(num_layers)
+            ]
+        )
+        self.norm_out = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, (out_channels or in_channels) * math.prod(patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    @classmethod
+    def from_wan(cls, wan: WanTransformer3DModel) -> "OmniTransferTransformer":
+        """Build ours from a diffusers ``WanTransformer3DModel``, sharing its weight tensors (no copy)."""
+        with torch.device("meta"):
+            model = cls.from_config(wan.config)
+        model.load_state_dict(wan.state_dict(), strict=True, assign=True)
+        return model.train(wan.training)
+
+    # ---- shapes -------------------------------------------------------------------------------------
+    def token_grid(self, latents: torch.Tensor) -> Grid:
+        """Token grid (f, h, w) of a latent (B, C, F, H, W) after patchify."""
+        p_t, p_h, p_w = self.config.patch_size
+        _, _, f, h, w = latents.shape
+        return f // p_t, h // p_h, w // p_w
+
+    def _rope(self, grid: Grid, offset: Grid, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_tables(self.config.attention_head_dim, grid, offset, device=device)
+
+    def _patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(latents)  # (B, D, f, h, w)
+        return x.flatten(2).transpose(1, 2).contiguous()  # (B, f*h*w, D), frame-major
+
+    def _unpatchify(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        p_t, p_h, p_w = self.config.patch_size
+        f, h, w = grid
+        x = x.reshape(x.shape[0], f, h, w, p_t, p_h, p_w, -1)  # (B, f, h, w, pt, ph, pw, C)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C, F, H, W)
+
+    # ---- reference branch -----------------------------------------------------------------------------
+    def encode_references(self, references: Sequence[ReferenceInput], target_grid: Grid) -> ReferenceCache:
+        """Run every reference through the blocks at timestep 0 and keep each layer's keys/values.
+
+        Each reference attends only to itself; its RoPE positions are offset by the task rule so that
+        it sits beside (temporal tasks) or after (appearance tasks) a target of ``target_grid``.
+        """
+        grids = [self.token_grid(r.latents) for r in references]
+        offsets = reference_offsets([r.task for r in references], target_grid, grids)
+        per_reference: list[list[KV]] = []
+        for ref, grid, offset in zip(references, grids, offsets):
+            x = self._patchify(ref.latents)
+            t0 = torch.zeros(x.shape[0], device=x.device)
+            _, proj, text, _ = self.condition_embedder(t0, ref.context, None)
+            proj = proj.unflatten(1, (6, -1))  # (B, 6, D)
+            rope = self._rope(grid, offset, x.device)
+            layers: list[KV] = []
+            for i, block in enumerate(self.blocks):
+                x, kv = block(x, proj, rope, text, kv_only=i == len(self.blocks) - 1)
+                layers.append(kv)
+            per_reference.append(layers)
+        kv = [
+            (torch.cat([r[i][0] for r in per_reference], dim=1), torch.cat([r[i][1] for r in per_reference], dim=1))
+            for i in range(len(self.blocks))
+        ]
+        return ReferenceCache(target_grid=tuple(target_grid), kv=kv)
+
+    # ---- target branch --------------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        references: Sequence[ReferenceInput] | None = None,
+        reference_cache: ReferenceCache | None = None,
+        return_dict: bool = True,
+    ):
+        """Velocity for the target tokens.
+
+        hidden_states: (B, 2z + 4, F, H, W) target input; timestep: (B,) or per-token (B, f*h*w);
+        encoder_hidden_states: (B, L, text_dim) prompt; encoder_hidden_states_image: (B, N, image_dim)
+        CLIP tokens of the first frame or None. References are given either as inputs (encoded here)
+        or as a cache from ``encode_references``.
+        """
+        grid = self.token_grid(hidden_states)
+        if references and reference_cache is None:
+            reference_cache = self.encode_references(references, grid)
+        if reference_cache is not None and reference_cache.target_grid != grid:
+            raise ValueError(f"reference cache built for target grid {reference_cache.target_grid}, got {grid}")
+
+        x = self._patchify(hidden_states)
+        per_token = timestep.ndim == 2
+        temb, proj, text, image = self.condition_embedder(
+            timestep.flatten(), encoder_hidden_states, encoder_hidden_states_image,
+            timestep_seq_len=timestep.shape[1] if per_token else None,
+        )
+        proj = proj.unflatten(2 if per_token else 1, (6, -1))  # (B, S, 6, D) or (B, 6, D)
+        rope = self._rope(grid, (0, 0, 0), x.device)
+
+        for i, block in enumerate(self.blocks):
+            extra = reference_cache.kv[i] if reference_cache is not None and reference_cache.kv else None
+            x, _ = block(x, proj, rope, text, image, extra_kv=extra)
+
+        table = self.scale_shift_table.to(temb.device)
+        if per_token:  # temb (B, S, D)
+            shift, scale = (s.squeeze(2) for s in (table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2))
+        else:  # temb (B, D)
+            shift, scale = (table + temb.unsqueeze(1)).chunk(2, dim=1)
+        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        out = self._unpatchify(self.proj_out(x), grid)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)

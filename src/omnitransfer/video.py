@@ -1,0 +1,242 @@
+"""Video and image I/O: decode (PyAV / PIL), resize + centre crop, temporal resampling, H.264 encode.
+
+Arrays are uint8 RGB: a clip is (T, H, W, 3), an image or frame is (H, W, 3).
+Resizing always scales to the smallest size that covers the target (aspect ratio kept),
+then centre-crops to exactly (height, width); `height=width=None` keeps the native size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import InputError
+
+__all__ = ["read_video", "read_image", "resize_and_crop", "resample_frames", "save_video", "video_info"]
+
+# Bicubic in both swscale (decode path) and PIL (in-memory path): they agree within ~2 levels on
+# average, and it is ~1.6x faster than Lanczos when decoding large clips down to small sizes.
+_SWS_INTERPOLATION = "BICUBIC"
+_PIL_RESAMPLE = Image.Resampling.BICUBIC
+
+
+# ---------------------------------------------------------------------------- geometry
+
+
+def _check_target(height: int | None, width: int | None) -> None:
+    if (height is None) != (width is None):
+        raise ValueError(f"height and width must be given together, got height={height}, width={width}")
+    if height is not None and (height < 1 or width < 1):
+        raise ValueError(f"height and width must be positive, got {height}x{width}")
+
+
+def _cover_size(h: int, w: int, height: int | None, width: int | None) -> tuple[int, int]:
+    """Smallest (h', w') with the aspect ratio of (h, w) covering (height, width); (h, w) if no target."""
+    if height is None:
+        return h, w
+    scale = max(height / h, width / w)
+    return max(height, round(h * scale)), max(width, round(w * scale))
+
+
+def _center_crop(img: np.ndarray, height: int | None, width: int | None) -> np.ndarray:
+    """(..., H, W, C) -> (..., height, width, C), a view; unchanged if no target."""
+    if height is None:
+        return img
+    h, w = img.shape[-3:-1]
+    top, left = (h - height) // 2, (w - width) // 2
+    return img[..., top : top + height, left : left + width, :]
+
+
+def _resize_pil(img: Image.Image, height: int | None, width: int | None) -> np.ndarray:
+    """PIL RGB image -> (height, width, 3) uint8, cover-resized then centre-cropped."""
+    ch, cw = _cover_size(img.height, img.width, height, width)
+    if (cw, ch) != img.size:
+        img = img.resize((cw, ch), _PIL_RESAMPLE)
+    return np.ascontiguousarray(_center_crop(np.asarray(img), height, width))
+
+
+def _resample_indices(total: int, num_frames: int) -> np.ndarray:
+    """`num_frames` evenly spaced indices into `total` frames (repeats when upsampling)."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be positive, got {num_frames}")
+    return np.round(np.linspace(0, total - 1, num_frames)).astype(np.int64)
+
+
+def resize_and_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize (T, H, W, 3) or (H, W, 3) uint8 frames to cover (height, width), then centre-crop to it."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim not in (3, 4) or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (T, H, W, 3) or (H, W, 3) frames, got {frames.dtype} {frames.shape}")
+    _check_target(height, width)
+    if frames.ndim == 3:
+        return _resize_pil(Image.fromarray(frames), height, width)
+    return np.stack([_resize_pil(Image.fromarray(f), height, width) for f in frames])
+
+
+def resample_frames(frames: np.ndarray, num_frames: int) -> np.ndarray:
+    """Evenly pick `num_frames` frames along axis 0 (rounded linspace); repeats frames when upsampling."""
+    return frames[_resample_indices(len(frames), num_frames)]
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _one_line(err: BaseException) -> str:
+    reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    return " ".join(str(reason).split())
+
+
+def _existing_file(path: str | os.PathLike, kind: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a {kind} file")
+    return path
+
+
+@contextlib.contextmanager
+def _open_video(path: str | os.PathLike) -> Iterator[tuple[av.container.InputContainer, av.VideoStream]]:
+    """Open the first video stream; any PyAV / OS error inside the block becomes a one-line InputError."""
+    path = _existing_file(path, "video")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"{path}: no video stream, expected a video file")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            yield container, stream
+    except (av.FFmpegError, OSError) as err:
+        raise InputError(f"{path}: cannot decode video ({_one_line(err)})") from err
+
+
+def _quarter_turns(frame: av.VideoFrame) -> int:
+    """Counter-clockwise quarter turns that make the frame upright (display-matrix rotation metadata)."""
+    return round(frame.rotation / 90) % 4
+
+
+def _display_size(frame: av.VideoFrame) -> tuple[int, int]:
+    """(height, width) of the frame as displayed, i.e. after rotation."""
+    return (frame.width, frame.height) if _quarter_turns(frame) % 2 else (frame.height, frame.width)
+
+
+def _frame_to_rgb(frame: av.VideoFrame, height: int | None, width: int | None) -> np.ndarray:
+    """Decoded frame -> upright (height, width, 3) uint8 RGB; scaled during colour conversion to save memory."""
+    turns = _quarter_turns(frame)
+    ch, cw = _cover_size(*_display_size(frame), height, width)
+    if turns % 2:  # scale in stored orientation, rotate afterwards
+        ch, cw = cw, ch
+    rgb = frame.reformat(width=cw, height=ch, format="rgb24", interpolation=_SWS_INTERPOLATION).to_ndarray()
+    return _center_crop(np.rot90(rgb, turns), height, width)
+
+
+def _no_frames(path: str | os.PathLike) -> InputError:
+    return InputError(f"{Path(path)}: the video has no frames")
+
+
+def read_video(
+    path: str | os.PathLike,
+    num_frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> np.ndarray:
+    """Decode a video to uint8 RGB (T, H, W, 3).
+
+    Frames are resized to cover (height, width) and centre-cropped as they are decoded, then
+    `num_frames` are picked evenly (see `resample_frames`); None keeps all frames / native size.
+    Rotation metadata (quarter turns) is applied. Raises InputError for unusable files.
+    """
+    _check_target(height, width)
+    with _open_video(path) as (container, stream):
+        frames = [_frame_to_rgb(f, height, width) for f in container.decode(stream)]  # T x (H, W, 3)
+    if not frames:
+        raise _no_frames(path)
+    if num_frames is not None:
+        frames = [frames[i] for i in _resample_indices(len(frames), num_frames)]
+    return np.stack(frames)
+
+
+def video_info(path: str | os.PathLike) -> tuple[int, int, int, float]:
+    """(num_frames, height, width, fps) of a video; height/width as displayed (after rotation).
+
+    The frame count comes from the container, or from decoding when it is not reported.
+    """
+    with _open_video(path) as (container, stream):
+        frames = container.decode(stream)
+        first = next(frames, None)
+        if first is None:
+            raise _no_frames(path)
+        height, width = _display_size(first)
+        num_frames = stream.frames or 1 + sum(1 for _ in frames)
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+    return num_frames, height, width, fps
+
+
+def read_image(path: str | os.PathLike, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """Load an image as uint8 RGB (H, W, 3), EXIF orientation applied, resized to cover and centre-cropped."""
+    _check_target(height, width)
+    path = _existing_file(path, "image")
+    try:
+        with Image.open(path) as img:
+            return _resize_pil(ImageOps.exif_transpose(img).convert("RGB"), height, width)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise InputError(f"{path}: cannot read image ({_one_line(err)})") from err
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _as_video_array(frames, path: Path) -> np.ndarray:
+    """numpy / torch uint8 (T, H, W, 3) -> contiguous numpy array, or InputError."""
+    if hasattr(frames, "detach"):  # torch.Tensor, possibly on GPU
+        frames = frames.detach().cpu().numpy()
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise InputError(
+            f"{path}: expected non-empty uint8 frames of shape (T, H, W, 3), got {frames.dtype} {frames.shape}"
+        )
+    return np.ascontiguousarray(frames)
+
+
+def _encode_h264(frames: np.ndarray, path: Path, fps: float) -> None:
+    """Write (T, H, W, 3) uint8 frames to an mp4 at `path` (libx264, yuv420p, crf 18)."""
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options={"crf": "18"})
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # flush
+
+
+def save_video(frames, path: str | os.PathLike, fps: float = 16) -> None:
+    """Atomically write uint8 (T, H, W, 3) frames (numpy or torch) as an H.264 mp4.
+
+    Encodes to a hidden temporary file next to `path` and renames it onto `path` only on success.
+    Height and width must be even (yuv420p). Raises InputError for unusable frames / arguments.
+    """
+    path = Path(path)
+    frames = _as_video_array(frames, path)
+    h, w = frames.shape[1:3]
+    if h % 2 or w % 2:
+        raise InputError(f"{path}: cannot encode {w}x{h} frames as H.264 yuv420p, expected even width and height")
+    if not fps > 0:
+        raise InputError(f"{path}: expected a positive fps, got {fps}")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a video file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}.mp4")
+    try:
+        _encode_h264(frames, tmp, fps)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,38 @@
+"""Shared tiny configurations of the real architectures (random weights, CPU, milliseconds)."""
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+TINY_WAN = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=36,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=256,
+    ffn_dim=32,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+    image_dim=24,
+    added_kv_proj_dim=24,
+)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter non-trivial values (diffusers zero-initialises some, which hides bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + 0.1 * noise if "norm" in name else 0.2 * noise)
+    return model
+
+
+@pytest.fixture
+def tiny_wan():
+    torch.manual_seed(0)
+    return randomize_(WanTransformer3DModel(**TINY_WAN)).eval()
