@@ -1,0 +1,126 @@
+"""Command line: ``omnitransfer generate ...``. User errors print one line and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import InputError
+from .tasks import Task
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage dump), so every user error looks the same."""
+
+    def error(self, message: str):
+        raise InputError(message)
+
+
+def _reference(text: str) -> tuple[Task, Path]:
+    if "=" not in text:
+        raise InputError(f"--ref {text!r}: expected TASK=PATH, e.g. camera=clip.mp4")
+    task, path = text.split("=", 1)
+    if not path:
+        raise InputError(f"--ref {text!r}: the path after '=' is empty")
+    return Task.parse(task), Path(path)
+
+
+def _existing_file(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise InputError(f"{path}: no such file ({what})")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file ({what})")
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="omnitransfer", description="Spatio-temporal video transfer on Wan2.1.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="generate a video from reference video(s), a first frame and a prompt")
+    gen.add_argument("--ref", action="append", default=[], metavar="TASK=PATH",
+                     help=f"a reference video and its task ({', '.join(t.value for t in Task)}); repeat to combine")
+    gen.add_argument("--ref-prompt", action="append", default=[], metavar="TEXT",
+                     help="caption of the reference with the same position (optional)")
+    gen.add_argument("--image", type=Path, help="first frame of the target (temporal tasks)")
+    gen.add_argument("--prompt", default="", help="what the target shows")
+    gen.add_argument("--negative-prompt", default=None, help="what to avoid (the model's default otherwise)")
+    gen.add_argument("--model", type=Path, help="a local Wan2.1 I2V folder (diffusers format); the embedded model otherwise")
+    gen.add_argument("--frames", type=int, help="number of frames, 4k+1 (model default otherwise)")
+    gen.add_argument("--height", type=int, help="height in pixels, a multiple of 16")
+    gen.add_argument("--width", type=int, help="width in pixels, a multiple of 16")
+    gen.add_argument("--steps", type=int, help="denoising steps")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (<= 1 disables it)")
+    gen.add_argument("--scheduler", choices=["unipc", "euler"], help="flow-matching solver")
+    gen.add_argument("--flow-shift", type=float, help="flow shift of the noise schedule")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--fps", type=int, help="frame rate of the written video (model default otherwise)")
+    gen.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    gen.add_argument("--bf16", action="store_true", help="run the transformer and text encoder in bfloat16")
+    gen.add_argument("--no-reference-cache", action="store_true", help="recompute the reference branch every step")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--output", type=Path, required=True, help="the .mp4 to write")
+    gen.set_defaults(run=_generate)
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import torch  # heavy imports after argument checks, so that mistakes are reported at once
+
+    from .codecs import check_num_frames
+    from .pipeline import OmniTransferPipeline, Reference
+    from .video import save_video
+
+    refs = [_reference(r) for r in args.ref]
+    for _, path in refs:
+        _existing_file(path, "reference video")
+    if args.image is not None:
+        _existing_file(args.image, "first frame")
+    if len(args.ref_prompt) > len(refs):
+        raise InputError(f"{len(args.ref_prompt)} --ref-prompt for {len(refs)} --ref: expected at most one per --ref")
+    if args.output.suffix.lower() != ".mp4":
+        raise InputError(f"--output {args.output}: expected a .mp4 path")
+    if args.frames is not None:
+        check_num_frames(args.frames, what="--frames")
+
+    start = time.perf_counter()
+    pipe = OmniTransferPipeline.from_pretrained(args.model, torch.bfloat16 if args.bf16 else torch.float32, args.device)
+    captions = args.ref_prompt + [""] * (len(refs) - len(args.ref_prompt))
+    frames = pipe(
+        references=[Reference(task, path, prompt) for (task, path), prompt in zip(refs, captions)],
+        image=args.image,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_frames=args.frames,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        scheduler=args.scheduler,
+        flow_shift=args.flow_shift,
+        use_reference_cache=not args.no_reference_cache,
+        progress=not args.quiet,
+    )
+    save_video(frames, args.output, fps=args.fps or pipe.settings.fps)
+    t, h, w, _ = frames.shape
+    print(f"wrote {args.output} ({t} frames, {w}x{h}) in {time.perf_counter() - start:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.run(args)
+    except InputError as err:
+        print(f"omnitransfer: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("omnitransfer: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

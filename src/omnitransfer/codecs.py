@@ -1,0 +1,59 @@
+"""Latent codecs: pixels (B, 3, F, H, W) in [-1, 1] <-> normalised latents (B, z, f, h, w)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLWan
+
+from .errors import InputError
+
+
+WAN_TEMPORAL_FACTOR = 4
+
+
+def check_num_frames(num_frames: int, temporal_factor: int = WAN_TEMPORAL_FACTOR, what: str = "frame count") -> None:
+    """Frame counts follow the codec's rule: temporal_factor * k + 1 (Wan: 4k + 1, e.g. 17, 33, 81)."""
+    k = temporal_factor
+    if num_frames < 1 or (num_frames - 1) % k:
+        near = max(1, round((num_frames - 1) / k)) * k + 1
+        raise InputError(f"{what} {num_frames} is not {k}k+1 (the codec's rule): try {near}")
+
+
+class WanVAECodec:
+    """Wan's causal 3D VAE with its per-channel latent normalisation (posterior mode for encoding).
+
+    F pixel frames map to (F - 1) / temporal + 1 latent frames, H x W to H/spatial x W/spatial.
+    """
+
+    def __init__(self, vae: AutoencoderKLWan):
+        self.vae = vae
+        cfg = vae.config
+        self.latent_channels: int = cfg.z_dim
+        self.temporal_factor: int = cfg.scale_factor_temporal
+        self.spatial_factor: int = cfg.scale_factor_spatial
+        self._mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self._std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.device
+
+    def check_num_frames(self, num_frames: int, what: str = "frame count") -> None:
+        check_num_frames(num_frames, self.temporal_factor, what)
+
+    def latent_frames(self, num_frames: int) -> int:
+        return (num_frames - 1) // self.temporal_factor + 1
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, F, H, W) in [-1, 1] -> normalised latents (B, z, f, h, w), float32."""
+        vae = self.vae
+        latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mode().float()
+        return (latents - self._mean.to(latents.device)) / self._std.to(latents.device)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, z, f, h, w) -> (B, 3, F, H, W) in [-1, 1], float32."""
+        vae = self.vae
+        latents = latents.float() * self._std.to(latents.device) + self._mean.to(latents.device)
+        return vae.decode(latents.to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)

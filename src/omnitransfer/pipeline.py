@@ -1,0 +1,322 @@
+"""Load a model folder and run one generation: references + first frame + prompt -> video frames."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
+
+from .codecs import WanVAECodec
+from .conditioning import reference_input, target_condition, target_input
+from .errors import InputError
+from .sampling import make_scheduler, sample
+from .tasks import Task
+from .transformer import OmniTransferTransformer, ReferenceInput
+from .video import read_image, read_video, resample_frames, resize_and_crop
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = Path(__file__).parent / "embedded"
+SETTINGS_FILE = "omnitransfer.json"
+
+VideoLike = str | Path | np.ndarray  # a path, or uint8 frames (T, H, W, 3)
+ImageLike = str | Path | np.ndarray  # a path, or a uint8 image (H, W, 3)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A model's generation defaults, read from ``omnitransfer.json`` in its folder (Wan2.1 480p otherwise).
+
+    ``base_model``: a folder holding the components this one lacks (e.g. a trained transformer saved
+    beside a reference to the Wan2.1 folder it was trained from), relative to this folder or absolute.
+    """
+
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+    fps: int = 16
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    flow_shift: float = 3.0
+    scheduler: str = "unipc"
+    text_max_length: int = 512
+    negative_prompt: str = ""
+    base_model: str | None = None
+
+    @classmethod
+    def load(cls, folder: Path) -> "Settings":
+        path = folder / SETTINGS_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise InputError(f"{path}: not valid JSON ({err})") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"{path}: unknown settings {unknown}: expected some of {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class Reference:
+    """A reference video for one task, with an optional caption and size (the target's by default)."""
+
+    task: Task | str
+    video: VideoLike
+    prompt: str = ""
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+
+
+def _as_reference(item) -> Reference:
+    if isinstance(item, Reference):
+        ref = item
+    elif isinstance(item, (tuple, list)) and len(item) == 2:
+        ref = Reference(*item)
+    else:
+        raise InputError(f"reference {item!r}: expected Reference(task, video) or a (task, video) pair")
+    return replace(ref, task=ref.task if isinstance(ref.task, Task) else Task.parse(ref.task))
+
+
+def _to_unit_range(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float (1, 3, T, H, W) in [-1, 1]."""
+    video = torch.tensor(frames, dtype=torch.float32).div(127.5).sub(1.0)
+    return video.permute(3, 0, 1, 2).unsqueeze(0)
+
+
+def _to_uint8(video: torch.Tensor) -> np.ndarray:
+    """(1, 3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3)."""
+    frames = ((video[0].permute(1, 2, 3, 0).float().cpu() + 1.0) * 127.5).round().clamp(0, 255)
+    return frames.to(torch.uint8).numpy()
+
+
+class OmniTransferPipeline:
+    """OmniTransfer generation over a Wan2.1 image-to-video model folder (diffusers format)."""
+
+    def __init__(
+        self,
+        transformer: OmniTransferTransformer,
+        vae: AutoencoderKLWan,
+        text_encoder: UMT5EncoderModel,
+        tokenizer,
+        image_encoder: CLIPVisionModel | None = None,
+        image_processor: CLIPImageProcessor | None = None,
+        settings: Settings = Settings(),
+    ):
+        self.transformer = transformer.eval()
+        self.codec = WanVAECodec(vae.eval())
+        self.text_encoder = text_encoder.eval()
+        self.tokenizer = tokenizer
+        self.image_encoder = image_encoder.eval() if image_encoder is not None else None
+        self.image_processor = image_processor
+        self.settings = settings
+
+    # ---- loading ------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path | None = None, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> "OmniTransferPipeline":
+        """Load a local diffusers-format Wan2.1 I2V folder (or the embedded model when ``path`` is None).
+
+        Components: transformer, vae, text_encoder + tokenizer, image_encoder + image_processor
+        (optional: a text-to-video model has none). Only safetensors weights are read. The VAE and the
+        image encoder stay in float32 (as Wan recommends); the others take ``torch_dtype``.
+        """
+        folder = Path(path) if path is not None else EMBEDDED_MODEL
+        if not folder.is_dir():
+            raise InputError(f"{folder}: no such model folder (expected a diffusers-format Wan2.1 I2V folder)")
+        settings = Settings.load(folder)
+        search = [folder] + ([(folder / settings.base_model).resolve()] if settings.base_model else [])
+
+        def component(name: str, required: bool = True) -> Path | None:
+            for root in search:
+                if (root / name).is_dir():
+                    return root / name
+            if required:
+                raise InputError(f"{folder}: missing component folder {name!r} (expected a Wan2.1 I2V layout)")
+            return None
+
+        try:
+            transformer = OmniTransferTransformer.from_pretrained(
+                component("transformer"), torch_dtype=torch_dtype, use_safetensors=True
+            )
+            vae = AutoencoderKLWan.from_pretrained(component("vae"), torch_dtype=torch.float32, use_safetensors=True)
+            text_encoder = UMT5EncoderModel.from_pretrained(
+                component("text_encoder"), dtype=torch_dtype, use_safetensors=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(component("tokenizer"))
+            image_dir = component("image_encoder", required=False)
+            image_encoder = image_processor = None
+            if image_dir is not None:
+                image_encoder = CLIPVisionModel.from_pretrained(image_dir, dtype=torch.float32, use_safetensors=True)
+                image_processor = CLIPImageProcessor.from_pretrained(component("image_processor"))
+        except (OSError, ValueError) as err:
+            if isinstance(err, InputError):
+                raise
+            raise InputError(f"{folder}: cannot load the model ({str(err).splitlines()[0]})") from None
+        return cls(transformer, vae, text_encoder, tokenizer, image_encoder, image_processor, settings).to(device)
+
+    def to(self, device: str | torch.device) -> "OmniTransferPipeline":
+        for module in (self.transformer, self.codec.vae, self.text_encoder, self.image_encoder):
+            if module is not None:
+                module.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    # ---- encoders -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """UMT5 features (B, L, text_dim), zero beyond each prompt's length, L = settings.text_max_length."""
+        length = self.settings.text_max_length
+        tokens = self.tokenizer(
+            [p.strip() for p in prompts],
+            padding="max_length",
+            max_length=length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        hidden = self.text_encoder(ids, mask).last_hidden_state
+        return hidden * mask.unsqueeze(-1).to(hidden.dtype)  # Wan zeroes the padded positions
+
+    @torch.no_grad()
+    def encode_image(self, image: np.ndarray) -> torch.Tensor:
+        """CLIP tokens (1, N, image_dim) of a uint8 image (H, W, 3): the penultimate layer, as in Wan."""
+        pixels = self.image_processor(images=image, return_tensors="pt").pixel_values
+        out = self.image_encoder(pixels.to(self.image_encoder.device), output_hidden_states=True)
+        return out.hidden_states[-2]
+
+    # ---- inputs -------------------------------------------------------------------------------------
+    def _check_size(self, height: int, width: int, num_frames: int) -> None:
+        step = self.codec.spatial_factor * max(self.transformer.config.patch_size[1:])
+        for name, value in (("height", height), ("width", width)):
+            if value < step or value % step:
+                raise InputError(f"{name} {value} is not a positive multiple of {step} (codec x patch size)")
+        self.codec.check_num_frames(num_frames)
+
+    @staticmethod
+    def _load_video(video: VideoLike, num_frames: int, height: int, width: int) -> np.ndarray:
+        if isinstance(video, (str, Path)):
+            return read_video(video, num_frames=num_frames, height=height, width=width)
+        frames = np.asarray(video)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+            raise InputError(f"reference video array of shape {frames.shape}: expected uint8 (T, H, W, 3), T > 0")
+        return resample_frames(resize_and_crop(frames, height, width), num_frames)
+
+    @staticmethod
+    def _load_image(image: ImageLike, height: int, width: int) -> np.ndarray:
+        if isinstance(image, (str, Path)):
+            return read_image(image, height=height, width=width)
+        array = np.asarray(image)
+        if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+            raise InputError(f"image array of shape {array.shape}: expected uint8 (H, W, 3)")
+        return resize_and_crop(array, height, width)
+
+    def _reference_inputs(self, references: Sequence[Reference], num_frames: int, height: int, width: int):
+        """Decode, encode and flag every reference; their captions are encoded once, together."""
+        refs = [_as_reference(r) for r in references]
+        latents = []
+        for ref in refs:
+            n, h, w = ref.num_frames or num_frames, ref.height or height, ref.width or width
+            self._check_size(h, w, n)
+            frames = self._load_video(ref.video, n, h, w)
+            latents.append(self.codec.encode(_to_unit_range(frames)))
+        if not refs:
+            return []
+        dtype = self.transformer.dtype
+        captions = self.encode_text([r.prompt for r in refs]).to(dtype)
+        return [
+            ReferenceInput(reference_input(z.to(self.device, dtype), ref.task), ref.task, captions[i : i + 1])
+            for i, (ref, z) in enumerate(zip(refs, latents))
+        ]
+
+    # ---- generation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        references: Sequence[Reference | tuple] = (),
+        image: ImageLike | None = None,
+        prompt: str = "",
+        negative_prompt: str | None = None,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        scheduler: str | None = None,
+        flow_shift: float | None = None,
+        use_reference_cache: bool = True,
+        progress: bool = True,
+        output_type: str = "np",
+    ):
+        """Generate a video. Returns uint8 frames (T, H, W, 3), or normalised latents if output_type="latent"."""
+        s = self.settings
+        num_frames, height, width = num_frames or s.num_frames, height or s.height, width or s.width
+        steps = num_inference_steps or s.num_inference_steps
+        guidance = s.guidance_scale if guidance_scale is None else guidance_scale
+        negative_prompt = s.negative_prompt if negative_prompt is None else negative_prompt
+        self._check_size(height, width, num_frames)
+        if steps < 1:
+            raise InputError(f"steps {steps}: expected at least 1")
+        device, dtype = self.device, self.transformer.dtype
+
+        # Target conditioning: first frame (mask + condition latent + CLIP tokens), or nothing.
+        f = self.codec.latent_frames(num_frames)
+        shape = (1, self.codec.latent_channels, f, height // self.codec.spatial_factor, width // self.codec.spatial_factor)
+        first_latent = image_tokens = None
+        if image is not None:
+            first = self._load_image(image, height, width)
+            video = torch.zeros(1, 3, num_frames, height, width)
+            video[:, :, :1] = _to_unit_range(first[None])  # [first frame, zeros...]
+            first_latent = self.codec.encode(video)
+            image_tokens = self.encode_image(first).to(dtype)
+        condition = target_condition(first_latent, torch.empty(shape, device=device))
+
+        refs = self._reference_inputs(references, num_frames, height, width)
+        use_cfg = guidance > 1.0
+        text = self.encode_text([prompt, negative_prompt] if use_cfg else [prompt]).to(dtype)
+        if image_tokens is not None:
+            image_tokens = image_tokens.expand(text.shape[0], -1, -1)
+
+        grid = self.transformer.token_grid(torch.empty(shape))
+        cache = self.transformer.encode_references(refs, grid) if refs and use_reference_cache else None
+
+        def velocity(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            model_in = target_input(latents, condition.expand(latents.shape[0], -1, -1, -1, -1)).to(dtype)
+            return self.transformer(
+                model_in,
+                t.expand(latents.shape[0]).to(device),
+                text,
+                image_tokens,
+                references=None if cache is not None else [_batched(r, latents.shape[0]) for r in refs],
+                reference_cache=cache,
+            ).sample
+
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        latents = sample(velocity, noise, make_scheduler(scheduler or s.scheduler, s.flow_shift if flow_shift is None else flow_shift),
+                         steps, guidance, progress=progress)
+        if output_type == "latent":
+            return latents
+        return _to_uint8(self.codec.decode(latents))
+
+
+def _batched(ref: ReferenceInput, batch: int) -> ReferenceInput:
+    """The same reference for every sample of a guidance batch (the no-cache path recomputes it)."""
+    return ReferenceInput(ref.latents.expand(batch, -1, -1, -1, -1), ref.task, ref.context.expand(batch, -1, -1))
