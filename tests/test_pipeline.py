@@ -6,7 +6,7 @@ import torch
 from diffusers import WanImageToVideoPipeline
 
 from omnitransfer import InputError, OmniTransferPipeline, Reference, Task
-from omnitransfer.tiny import TinySize, build_tiny_wan_i2v
+from omnitransfer.tiny import build_tiny_wan_i2v
 
 SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "samples"
 SIZE = dict(num_frames=9, height=32, width=48)
@@ -29,8 +29,14 @@ def _clip(seed=0, frames=12, height=40, width=56):
 
 
 def test_generation_shape_dtype_and_determinism(pipe):
-    kw = dict(references=[Reference("camera", _clip())], image=_clip()[0], prompt="a red car", **SIZE,
-              num_inference_steps=3, progress=False)
+    kw = dict(
+        references=[Reference("camera", _clip())],
+        image=_clip()[0],
+        prompt="a red car",
+        **SIZE,
+        num_inference_steps=3,
+        progress=False,
+    )
     a, b = pipe(**kw, seed=1), pipe(**kw, seed=1)
     c = pipe(**kw, seed=2)
     assert a.shape == (9, 32, 48, 3) and a.dtype == np.uint8
@@ -41,8 +47,16 @@ def test_generation_shape_dtype_and_determinism(pipe):
 @pytest.mark.parametrize("scheduler", ["unipc", "euler"])
 def test_reference_cache_equals_recomputation(pipe, scheduler):
     refs = [Reference(Task.MOTION, _clip(1)), Reference(Task.ID, _clip(2, frames=5), prompt="a blue cube")]
-    kw = dict(references=refs, image=_clip(3)[0], prompt="a cat", **SIZE, num_inference_steps=3,
-              scheduler=scheduler, progress=False, output_type="latent")
+    kw = dict(
+        references=refs,
+        image=_clip(3)[0],
+        prompt="a cat",
+        **SIZE,
+        num_inference_steps=3,
+        scheduler=scheduler,
+        progress=False,
+        output_type="latent",
+    )
     cached = pipe(**kw, use_reference_cache=True)
     recomputed = pipe(**kw, use_reference_cache=False)
     plain = pipe(**dict(kw, references=[]))
@@ -53,8 +67,14 @@ def test_reference_cache_equals_recomputation(pipe, scheduler):
 def test_reference_branch_runs_once_per_generation(pipe):
     calls = []
     handle = pipe.transformer.blocks[0].register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
-    pipe(references=[("effect", _clip())], image=_clip()[0], **SIZE, num_inference_steps=4, progress=False,
-         output_type="latent")
+    pipe(
+        references=[("effect", _clip())],
+        image=_clip()[0],
+        **SIZE,
+        num_inference_steps=4,
+        progress=False,
+        output_type="latent",
+    )
     handle.remove()
     assert calls == [1, 2, 2, 2, 2]  # the reference once (batch 1), then one guided batch of 2 per step
 
@@ -70,12 +90,27 @@ def test_matches_diffusers_wan_i2v_without_references(model_dir, pipe):
     noise = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(7))
     from PIL import Image
 
-    expected = theirs(image=Image.fromarray(image), prompt_embeds=text[:1], negative_prompt_embeds=text[1:],
-                      latents=noise, guidance_scale=4.0,
-                      num_inference_steps=3, output_type="np", **SIZE).frames[0]
+    expected = theirs(
+        image=Image.fromarray(image),
+        prompt_embeds=text[:1],
+        negative_prompt_embeds=text[1:],
+        latents=noise,
+        guidance_scale=4.0,
+        num_inference_steps=3,
+        output_type="np",
+        **SIZE,
+    ).frames[0]
     ours_pipe.encode_text = lambda prompts: text  # same text features as given to diffusers
-    got = ours_pipe(image=image, prompt="a dog runs", negative_prompt="blurry", guidance_scale=4.0,
-                    num_inference_steps=3, seed=7, progress=False, **SIZE)
+    got = ours_pipe(
+        image=image,
+        prompt="a dog runs",
+        negative_prompt="blurry",
+        guidance_scale=4.0,
+        num_inference_steps=3,
+        seed=7,
+        progress=False,
+        **SIZE,
+    )
     assert got.shape == expected.shape
     assert np.abs(got.astype(np.float64) / 255 - expected).max() <= 1.5 / 255
 
@@ -86,8 +121,13 @@ def test_appearance_task_without_first_frame(pipe):
 
 
 def test_real_sample_clips_as_references(pipe):
-    out = pipe(references=[("camera", SAMPLES / "camera_ref1.mp4")], image=SAMPLES / "camera_ref1.jpg",
-               **SIZE, num_inference_steps=2, progress=False)
+    out = pipe(
+        references=[("camera", SAMPLES / "camera_ref1.mp4")],
+        image=SAMPLES / "camera_ref1.jpg",
+        **SIZE,
+        num_inference_steps=2,
+        progress=False,
+    )
     assert out.shape == (9, 32, 48, 3)
 
 

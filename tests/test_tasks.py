@@ -47,7 +47,9 @@ def _cells(offset, grid):
 def test_combinations_never_overlap(tasks, grid_kind):
     target = (3, 4, 5)
     # "mixed": references both longer and wider than the target (a long motion clip beside a wide style image)
-    grids = [target if grid_kind == "like_target" else (2 + 2 * (i % 2), 4 - i % 3, 3 + 2 * i) for i in range(len(tasks))]
+    grids = [
+        target if grid_kind == "like_target" else (2 + 2 * (i % 2), 4 - i % 3, 3 + 2 * i) for i in range(len(tasks))
+    ]
     offsets = reference_offsets(tasks, target, grids)
     boxes = [_cells((0, 0, 0), target)] + [_cells(o, g) for o, g in zip(offsets, grids)]
     for a, b in itertools.combinations(boxes, 2):

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from omnitransfer.tiny import DEFAULTS_FILENAME, TINY_VOCAB, TinySize, build_tiny_wan_i2v
+from omnitransfer.pipeline import SETTINGS_FILE
+from omnitransfer.tiny import TINY_VOCAB, TinySize, build_tiny_wan_i2v
 
 COMPONENTS = ("image_encoder", "image_processor", "scheduler", "text_encoder", "tokenizer", "transformer", "vae")
 
@@ -28,7 +29,7 @@ def _weights(folder: Path) -> dict[str, Path]:
 
 def test_layout_and_safetensors_only(tiny_dir: Path):
     files = sorted(str(p.relative_to(tiny_dir)) for p in tiny_dir.rglob("*") if p.is_file())
-    assert "model_index.json" in files and DEFAULTS_FILENAME in files
+    assert "model_index.json" in files and SETTINGS_FILE in files
     for c in COMPONENTS:
         assert (tiny_dir / c).is_dir(), c
     assert set(_weights(tiny_dir)) == {
@@ -50,7 +51,7 @@ def test_layout_and_safetensors_only(tiny_dir: Path):
     assert index["image_encoder"] == ["transformers", "CLIPVisionModel"]
     assert index["image_processor"] == ["transformers", "CLIPImageProcessor"]
 
-    defaults = json.loads((tiny_dir / DEFAULTS_FILENAME).read_text())
+    defaults = json.loads((tiny_dir / SETTINGS_FILE).read_text())
     assert defaults == TinySize().defaults()
     assert defaults["height"] % 16 == 0 and defaults["width"] % 16 == 0 and (defaults["num_frames"] - 1) % 4 == 0
 

@@ -1,11 +1,10 @@
 import torch
+from conftest import TINY_WAN, randomize_
 from diffusers import WanTransformer3DModel
 
 from omnitransfer.conditioning import reference_input
 from omnitransfer.tasks import Task
 from omnitransfer.transformer import OmniTransferTransformer, ReferenceInput
-
-from conftest import TINY_WAN, randomize_
 
 
 def _inputs(batch=2, frames=3, height=8, width=12, text_len=512, image_len=5, seed=1):
@@ -125,9 +124,20 @@ def test_cached_references_equal_recomputed(tiny_wan):
 
 def test_14b_checkpoint_keys_load_into_ours():
     config = dict(
-        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
-        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280, added_kv_proj_dim=5120,
+        patch_size=(1, 2, 2),
+        num_attention_heads=40,
+        attention_head_dim=128,
+        in_channels=36,
+        out_channels=16,
+        text_dim=4096,
+        freq_dim=256,
+        ffn_dim=13824,
+        num_layers=40,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        image_dim=1280,
+        added_kv_proj_dim=5120,
     )
     with torch.device("meta"):
         wan = WanTransformer3DModel(**config)

@@ -103,9 +103,7 @@ def test_resample_frames_in_memory():
     np.testing.assert_array_equal(resample_frames(frames[:2], 4)[:, 0, 0, 0], [0, 0, 10, 10])
 
 
-@pytest.mark.parametrize(
-    "ext, codec", [("webm", "libvpx-vp9"), ("webm", "libvpx"), ("mkv", "mpeg4"), ("avi", "mpeg4")]
-)
+@pytest.mark.parametrize("ext, codec", [("webm", "libvpx-vp9"), ("webm", "libvpx"), ("mkv", "mpeg4"), ("avi", "mpeg4")])
 def test_other_containers_and_codecs(tmp_path, ext, codec):
     if codec not in av.codecs_available:
         pytest.skip(f"{codec} not available in this PyAV build")

@@ -1,18 +1,25 @@
-"""omnitransfer: spatio-temporal video transfer (OmniTransfer, Video-As-Prompt) over Wan2.1."""
+"""omnitransfer: spatio-temporal video transfer (OmniTransfer, Video-As-Prompt) over Wan2.1.
 
-from .errors import InputError
-from .pipeline import OmniTransferPipeline, Reference
-from .tasks import Task
-from .transformer import OmniTransferTransformer
-from .video import read_image, read_video, save_video
+The public names load lazily, so that light entry points (the CLI's argument checks) start fast.
+"""
 
-__all__ = [
-    "InputError",
-    "OmniTransferPipeline",
-    "OmniTransferTransformer",
-    "Reference",
-    "Task",
-    "read_image",
-    "read_video",
-    "save_video",
-]
+from importlib import import_module
+
+_PUBLIC = {
+    "InputError": "errors",
+    "OmniTransferPipeline": "pipeline",
+    "Reference": "pipeline",
+    "OmniTransferTransformer": "transformer",
+    "Task": "tasks",
+    "read_image": "video",
+    "read_video": "video",
+    "save_video": "video",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'omnitransfer' has no attribute {name!r}")
+    return getattr(import_module(f".{_PUBLIC[name]}", __name__), name)

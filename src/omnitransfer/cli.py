@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .tasks import Task
+from .video import check_num_frames, read_image, save_video, video_info
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,14 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="generate a video from reference video(s), a first frame and a prompt")
-    gen.add_argument("--ref", action="append", default=[], metavar="TASK=PATH",
-                     help=f"a reference video and its task ({', '.join(t.value for t in Task)}); repeat to combine")
-    gen.add_argument("--ref-prompt", action="append", default=[], metavar="TEXT",
-                     help="caption of the reference with the same position (optional)")
+    gen.add_argument(
+        "--ref",
+        action="append",
+        default=[],
+        metavar="TASK=PATH",
+        help=f"a reference video and its task ({', '.join(t.value for t in Task)}); repeat to combine",
+    )
+    gen.add_argument(
+        "--ref-prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="caption of the reference with the same position (optional)",
+    )
     gen.add_argument("--image", type=Path, help="first frame of the target (temporal tasks)")
     gen.add_argument("--prompt", default="", help="what the target shows")
     gen.add_argument("--negative-prompt", default=None, help="what to avoid (the model's default otherwise)")
-    gen.add_argument("--model", type=Path, help="a local Wan2.1 I2V folder (diffusers format); the embedded model otherwise")
+    gen.add_argument(
+        "--model", type=Path, help="a local Wan2.1 I2V folder (diffusers format); the embedded model otherwise"
+    )
     gen.add_argument("--frames", type=int, help="number of frames, 4k+1 (model default otherwise)")
     gen.add_argument("--height", type=int, help="height in pixels, a multiple of 16")
     gen.add_argument("--width", type=int, help="width in pixels, a multiple of 16")
@@ -66,18 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep stderr for our own progress bar and errors: no loading bars or notices from the libraries."""
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+
+
 def _generate(args: argparse.Namespace) -> None:
-    import torch  # heavy imports after argument checks, so that mistakes are reported at once
-
-    from .codecs import check_num_frames
-    from .pipeline import OmniTransferPipeline, Reference
-    from .video import save_video
-
+    """Check every input (cheaply) before the model loads, generate, then write the video atomically."""
     refs = [_reference(r) for r in args.ref]
     for _, path in refs:
-        _existing_file(path, "reference video")
+        video_info(_existing_file(path, "reference video"))  # opens it and decodes one frame
     if args.image is not None:
-        _existing_file(args.image, "first frame")
+        read_image(_existing_file(args.image, "first frame"))
     if len(args.ref_prompt) > len(refs):
         raise InputError(f"{len(args.ref_prompt)} --ref-prompt for {len(refs)} --ref: expected at most one per --ref")
     if args.output.suffix.lower() != ".mp4":
@@ -85,7 +103,12 @@ def _generate(args: argparse.Namespace) -> None:
     if args.frames is not None:
         check_num_frames(args.frames, what="--frames")
 
+    import torch  # the heavy imports, once the inputs are known to be usable
+
+    from .pipeline import OmniTransferPipeline, Reference
+
     start = time.perf_counter()
+    _quiet_libraries()
     pipe = OmniTransferPipeline.from_pretrained(args.model, torch.bfloat16 if args.bf16 else torch.float32, args.device)
     captions = args.ref_prompt + [""] * (len(refs) - len(args.ref_prompt))
     frames = pipe(

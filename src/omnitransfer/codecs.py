@@ -5,18 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKLWan
 
-from .errors import InputError
-
-
-WAN_TEMPORAL_FACTOR = 4
-
-
-def check_num_frames(num_frames: int, temporal_factor: int = WAN_TEMPORAL_FACTOR, what: str = "frame count") -> None:
-    """Frame counts follow the codec's rule: temporal_factor * k + 1 (Wan: 4k + 1, e.g. 17, 33, 81)."""
-    k = temporal_factor
-    if num_frames < 1 or (num_frames - 1) % k:
-        near = max(1, round((num_frames - 1) / k)) * k + 1
-        raise InputError(f"{what} {num_frames} is not {k}k+1 (the codec's rule): try {near}")
+from .video import check_num_frames
 
 
 class WanVAECodec:

@@ -49,5 +49,7 @@ def target_input(noisy_latent: torch.Tensor, condition: torch.Tensor) -> torch.T
 def reference_input(reference_latent: torch.Tensor, task: Task) -> torch.Tensor:
     """The transformer's reference input (B, 2z + 4, f, h, w) = [clean latent | flag x4 | latent]."""
     b, _, f, h, w = reference_latent.shape
-    flag = torch.full((b, MASK_CHANNELS, f, h, w), task.flag, dtype=reference_latent.dtype, device=reference_latent.device)
+    flag = torch.full(
+        (b, MASK_CHANNELS, f, h, w), task.flag, dtype=reference_latent.dtype, device=reference_latent.device
+    )
     return torch.cat([reference_latent, flag, reference_latent], dim=1)

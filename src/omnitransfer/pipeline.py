@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import logging
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
-from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 
 from .codecs import WanVAECodec
 from .conditioning import reference_input, target_condition, target_input
@@ -20,8 +19,6 @@ from .sampling import make_scheduler, sample
 from .tasks import Task
 from .transformer import OmniTransferTransformer, ReferenceInput
 from .video import read_image, read_video, resample_frames, resize_and_crop
-
-logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = Path(__file__).parent / "embedded"
 SETTINGS_FILE = "omnitransfer.json"
@@ -51,7 +48,7 @@ class Settings:
     base_model: str | None = None
 
     @classmethod
-    def load(cls, folder: Path) -> "Settings":
+    def load(cls, folder: Path) -> Settings:
         path = folder / SETTINGS_FILE
         if not path.is_file():
             return cls()
@@ -110,7 +107,7 @@ class OmniTransferPipeline:
         text_encoder: UMT5EncoderModel,
         tokenizer,
         image_encoder: CLIPVisionModel | None = None,
-        image_processor: CLIPImageProcessor | None = None,
+        image_processor=None,
         settings: Settings = Settings(),
     ):
         self.transformer = transformer.eval()
@@ -124,8 +121,11 @@ class OmniTransferPipeline:
     # ---- loading ------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
-        cls, path: str | Path | None = None, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-    ) -> "OmniTransferPipeline":
+        cls,
+        path: str | Path | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> OmniTransferPipeline:
         """Load a local diffusers-format Wan2.1 I2V folder (or the embedded model when ``path`` is None).
 
         Components: transformer, vae, text_encoder + tokenizer, image_encoder + image_processor
@@ -159,14 +159,14 @@ class OmniTransferPipeline:
             image_encoder = image_processor = None
             if image_dir is not None:
                 image_encoder = CLIPVisionModel.from_pretrained(image_dir, dtype=torch.float32, use_safetensors=True)
-                image_processor = CLIPImageProcessor.from_pretrained(component("image_processor"))
+                image_processor = AutoImageProcessor.from_pretrained(component("image_processor"))
         except (OSError, ValueError) as err:
             if isinstance(err, InputError):
                 raise
             raise InputError(f"{folder}: cannot load the model ({str(err).splitlines()[0]})") from None
         return cls(transformer, vae, text_encoder, tokenizer, image_encoder, image_processor, settings).to(device)
 
-    def to(self, device: str | torch.device) -> "OmniTransferPipeline":
+    def to(self, device: str | torch.device) -> OmniTransferPipeline:
         for module in (self.transformer, self.codec.vae, self.text_encoder, self.image_encoder):
             if module is not None:
                 module.to(device)
@@ -278,7 +278,13 @@ class OmniTransferPipeline:
 
         # Target conditioning: first frame (mask + condition latent + CLIP tokens), or nothing.
         f = self.codec.latent_frames(num_frames)
-        shape = (1, self.codec.latent_channels, f, height // self.codec.spatial_factor, width // self.codec.spatial_factor)
+        shape = (
+            1,
+            self.codec.latent_channels,
+            f,
+            height // self.codec.spatial_factor,
+            width // self.codec.spatial_factor,
+        )
         first_latent = image_tokens = None
         if image is not None:
             first = self._load_image(image, height, width)
@@ -310,8 +316,14 @@ class OmniTransferPipeline:
 
         generator = torch.Generator("cpu").manual_seed(seed)
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-        latents = sample(velocity, noise, make_scheduler(scheduler or s.scheduler, s.flow_shift if flow_shift is None else flow_shift),
-                         steps, guidance, progress=progress)
+        latents = sample(
+            velocity,
+            noise,
+            make_scheduler(scheduler or s.scheduler, s.flow_shift if flow_shift is None else flow_shift),
+            steps,
+            guidance,
+            progress=progress,
+        )
         if output_type == "latent":
             return latents
         return _to_uint8(self.codec.decode(latents))

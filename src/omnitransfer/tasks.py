@@ -9,7 +9,7 @@ the width axis (OmniTransfer, Task-aware Positional Bias).
 from __future__ import annotations
 
 import enum
-from typing import Sequence
+from collections.abc import Sequence
 
 from .errors import InputError
 
@@ -36,7 +36,7 @@ class Task(str, enum.Enum):
         return {Task.ID: -2.0, Task.STYLE: -3.0}.get(self, -1.0)
 
     @classmethod
-    def parse(cls, name: str) -> "Task":
+    def parse(cls, name: str) -> Task:
         try:
             return cls(name.strip().lower())
         except ValueError:

@@ -43,16 +43,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .pipeline import SETTINGS_FILE
+
 __all__ = [
-    "DEFAULTS_FILENAME",
     "TINY_VOCAB",
     "TinySize",
     "build_tiny_tokenizer",
     "build_tiny_wan_i2v",
 ]
-
-#: Name of the project's generation-defaults file at the root of a model folder.
-DEFAULTS_FILENAME = "omnitransfer.json"
 
 # Special tokens, with T5's ids: pad 0, eos 1, unk 2.
 _SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
@@ -393,7 +391,7 @@ def build_tiny_wan_i2v(path: str | Path, *, seed: int = 0, size: TinySize = Tiny
         staging = Path(tmp) / "model"
         pipe.save_pretrained(staging, safe_serialization=True)
         _normalise_class_names(staging)
-        (staging / DEFAULTS_FILENAME).write_text(json.dumps(size.defaults(), indent=2) + "\n")
+        (staging / SETTINGS_FILE).write_text(json.dumps(size.defaults(), indent=2) + "\n")
 
         unsafe = [p for p in staging.rglob("*") if p.is_file() and p.suffix in {".bin", ".pt", ".pth", ".ckpt"}]
         if unsafe:

@@ -19,8 +19,8 @@ shapes), so diffusers-format Wan2.1 checkpoints load unchanged. The per-block ma
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -200,7 +200,7 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
     @classmethod
-    def from_wan(cls, wan: WanTransformer3DModel) -> "OmniTransferTransformer":
+    def from_wan(cls, wan: WanTransformer3DModel) -> OmniTransferTransformer:
         """Build ours from a diffusers ``WanTransformer3DModel``, sharing its weight tensors (no copy)."""
         with torch.device("meta"):
             model = cls.from_config(wan.config)
@@ -282,7 +282,9 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         x = self._patchify(hidden_states)
         per_token = timestep.ndim == 2
         temb, proj, text, image = self.condition_embedder(
-            timestep.flatten(), encoder_hidden_states, encoder_hidden_states_image,
+            timestep.flatten(),
+            encoder_hidden_states,
+            encoder_hidden_states_image,
             timestep_seq_len=timestep.shape[1] if per_token else None,
         )
         proj = proj.unflatten(2 if per_token else 1, (6, -1))  # (B, S, 6, D) or (B, 6, D)

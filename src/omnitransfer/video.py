@@ -20,7 +20,15 @@ from PIL import Image, ImageOps
 
 from .errors import InputError
 
-__all__ = ["read_video", "read_image", "resize_and_crop", "resample_frames", "save_video", "video_info"]
+__all__ = [
+    "check_num_frames",
+    "read_image",
+    "read_video",
+    "resample_frames",
+    "resize_and_crop",
+    "save_video",
+    "video_info",
+]
 
 # Bicubic in both swscale (decode path) and PIL (in-memory path): they agree within ~2 levels on
 # average, and it is ~1.6x faster than Lanczos when decoding large clips down to small sizes.
@@ -189,6 +197,19 @@ def read_image(path: str | os.PathLike, height: int | None = None, width: int | 
             return _resize_pil(ImageOps.exif_transpose(img).convert("RGB"), height, width)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise InputError(f"{path}: cannot read image ({_one_line(err)})") from err
+
+
+# ---------------------------------------------------------------------------- frame counts
+
+WAN_TEMPORAL_FACTOR = 4  # every model follows Wan's rule, so the CLI behaves the same on all
+
+
+def check_num_frames(num_frames: int, temporal_factor: int = WAN_TEMPORAL_FACTOR, what: str = "frame count") -> None:
+    """Frame counts follow the codec's rule: temporal_factor * k + 1 (Wan: 4k + 1, e.g. 17, 33, 81)."""
+    k = temporal_factor
+    if num_frames < 1 or (num_frames - 1) % k:
+        near = max(1, round((num_frames - 1) / k)) * k + 1
+        raise InputError(f"{what} {num_frames} is not {k}k+1 (the codec's rule): try {near}")
 
 
 # ---------------------------------------------------------------------------- writing

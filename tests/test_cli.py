@@ -1,0 +1,131 @@
+"""The CLI as a user runs it: a real subprocess, the embedded model, real video files."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from omnitransfer.video import save_video, video_info
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+FIRST_FRAMES = {"camera": "camera_ref1.jpg", "effect": "effect_ref2.jpg", "motion": "motion_ref3.jpg"}
+CLIPS = ["camera_ref1.mp4", "effect_ref2.mp4", "id_ref3.mp4", "motion_ref3.mp4", "style_ref1.mp4"]
+
+
+def run(*args, cwd=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "omnitransfer.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
+
+
+def test_generate_from_every_sample_clip(tmp_path):
+    """Each real clip drives one generation on the embedded model (one process, several outputs)."""
+    for clip in CLIPS:
+        task = clip.split("_")[0]
+        out = tmp_path / f"{task}.mp4"
+        args = [
+            "generate",
+            "--ref",
+            f"{task}={SAMPLES / clip}",
+            "--frames",
+            9,
+            "--height",
+            48,
+            "--width",
+            80,
+            "--steps",
+            2,
+            "--quiet",
+            "--prompt",
+            "a person walks in a park",
+            "--output",
+            out,
+        ]
+        if task in FIRST_FRAMES:
+            args += ["--image", SAMPLES / FIRST_FRAMES[task]]
+        result = run(*args)
+        assert result.returncode == 0, result.stderr
+        frames, height, width, _ = video_info(out)
+        assert (frames, height, width) == (9, 48, 80)
+
+
+def test_combination_and_defaults(tmp_path):
+    out = tmp_path / "combo.mp4"
+    result = run(
+        "generate",
+        "--ref",
+        f"id={SAMPLES / 'id_ref3.mp4'}",
+        "--ref",
+        f"style={SAMPLES / 'style_ref1.mp4'}",
+        "--ref-prompt",
+        "a woman",
+        "--steps",
+        2,
+        "--quiet",
+        "--output",
+        out,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout
+    frames, height, width, fps = video_info(out)
+    from omnitransfer.pipeline import EMBEDDED_MODEL, Settings
+
+    defaults = Settings.load(EMBEDDED_MODEL)
+    assert (frames, height, width, round(fps)) == (defaults.num_frames, defaults.height, defaults.width, defaults.fps)
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    (root / "corrupt.mp4").write_bytes(b"this is not a video at all" * 100)
+    (root / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    save_video(np.zeros((3, 16, 16, 3), np.uint8), root / "ok.mp4", fps=8)
+    import av
+
+    with av.open(str(root / "empty.mp4"), "w") as container:  # a video stream with no frames
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height = 16, 16
+    return root
+
+
+BAD = {
+    "missing reference": (["--ref", "camera={root}/nope.mp4"], "nope.mp4: no such file"),
+    "corrupt video": (["--ref", "camera={root}/corrupt.mp4"], "corrupt.mp4"),
+    "zero-frame video": (["--ref", "camera={root}/empty.mp4"], "empty.mp4"),
+    "unknown task": (["--ref", "dance={root}/ok.mp4"], "unknown task 'dance'"),
+    "ref without =": (["--ref", "{root}/ok.mp4"], "expected TASK=PATH"),
+    "frames not 4k+1": (["--ref", "camera={root}/ok.mp4", "--frames", "8"], "--frames 8 is not 4k+1"),
+    "unreadable image": (["--ref", "camera={root}/ok.mp4", "--image", "{root}/image.png"], "image.png"),
+    "missing image": (["--ref", "camera={root}/ok.mp4", "--image", "{root}/nope.jpg"], "nope.jpg: no such file"),
+    "size not multiple of 16": (["--ref", "camera={root}/ok.mp4", "--height", "50"], "height 50"),
+    "not a number": (["--frames", "many"], "invalid int value: 'many'"),
+    "unknown option": (["--colour", "red"], "unrecognized arguments: --colour red"),
+    "missing model": (["--model", "{root}/no_model"], "no_model: no such model folder"),
+    "not mp4": (["--ref", "camera={root}/ok.mp4", "--output-ext", ".avi"], "expected a .mp4 path"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gives_one_line_and_no_output(bad_files, tmp_path, case):
+    args, message = BAD[case]
+    args = [a.format(root=bad_files) for a in args]
+    out = tmp_path / "out.mp4"
+    if "--output-ext" in args:
+        i = args.index("--output-ext")
+        out = tmp_path / f"out{args[i + 1]}"
+        del args[i : i + 2]
+    result = run("generate", *args, "--steps", "1", "--quiet", "--output", out)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0] and "Traceback" not in result.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
