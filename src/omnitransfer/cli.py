@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 from .errors import InputError
+from .synthetic.cli import add_synth_command
 from .tasks import Task
+from .training.prepare import add_prepare_command, run_prepare
 from .video import check_num_frames, read_image, save_video, video_info
 
 
@@ -76,6 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--output", type=Path, required=True, help="the .mp4 to write")
     gen.set_defaults(run=_generate)
+
+    add_synth_command(sub)
+    add_prepare_command(sub).set_defaults(run=_prepare)
+
+    train = sub.add_parser(
+        "train", help="train OmniTransfer on a prepared latent cache (torchrun for several processes)"
+    )
+    train.add_argument("--config", type=Path, required=True, help="a YAML training config, e.g. configs/toy.yaml")
+    train.add_argument("--output", type=Path, required=True, help="run folder: checkpoints, logs, exported model")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    train.add_argument("--max-steps", type=int, help="stop after this global step (checkpoint and export first)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    train.set_defaults(run=_train)
     return parser
 
 
@@ -130,6 +145,20 @@ def _generate(args: argparse.Namespace) -> None:
     save_video(frames, args.output, fps=args.fps or pipe.settings.fps)
     t, h, w, _ = frames.shape
     print(f"wrote {args.output} ({t} frames, {w}x{h}) in {time.perf_counter() - start:.1f} s")
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    _quiet_libraries()
+    run_prepare(args)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .training.config import load_config
+    from .training.trainer import Trainer
+
+    config = load_config(args.config, args.set)
+    _quiet_libraries()
+    Trainer(config, args.output, resume=args.resume, max_steps=args.max_steps).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
 from .video import check_num_frames
+
+
+def to_unit_range(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float (1, 3, T, H, W) in [-1, 1]."""
+    video = torch.tensor(frames, dtype=torch.float32).div(127.5).sub(1.0)
+    return video.permute(3, 0, 1, 2).unsqueeze(0)
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """(1, 3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3)."""
+    frames = ((video[0].permute(1, 2, 3, 0).float().cpu() + 1.0) * 127.5).round().clamp(0, 255)
+    return frames.to(torch.uint8).numpy()
 
 
 class WanVAECodec:

@@ -12,10 +12,10 @@ import torch
 from diffusers import AutoencoderKLWan
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 
-from .codecs import WanVAECodec
-from .conditioning import reference_input, target_condition, target_input
+from .codecs import WanVAECodec, to_uint8, to_unit_range
+from .conditioning import reference_input, target_condition
 from .errors import InputError
-from .sampling import make_scheduler, sample
+from .sampling import denoise, make_scheduler
 from .tasks import Task
 from .transformer import OmniTransferTransformer, ReferenceInput
 from .video import read_image, read_video, resample_frames, resize_and_crop
@@ -83,18 +83,6 @@ def _as_reference(item) -> Reference:
     else:
         raise InputError(f"reference {item!r}: expected Reference(task, video) or a (task, video) pair")
     return replace(ref, task=ref.task if isinstance(ref.task, Task) else Task.parse(ref.task))
-
-
-def _to_unit_range(frames: np.ndarray) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> float (1, 3, T, H, W) in [-1, 1]."""
-    video = torch.tensor(frames, dtype=torch.float32).div(127.5).sub(1.0)
-    return video.permute(3, 0, 1, 2).unsqueeze(0)
-
-
-def _to_uint8(video: torch.Tensor) -> np.ndarray:
-    """(1, 3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3)."""
-    frames = ((video[0].permute(1, 2, 3, 0).float().cpu() + 1.0) * 127.5).round().clamp(0, 255)
-    return frames.to(torch.uint8).numpy()
 
 
 class OmniTransferPipeline:
@@ -180,6 +168,11 @@ class OmniTransferPipeline:
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """UMT5 features (B, L, text_dim), zero beyond each prompt's length, L = settings.text_max_length."""
+        return self.encode_text_with_lengths(prompts)[0]
+
+    @torch.no_grad()
+    def encode_text_with_lengths(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``encode_text``'s features (B, L, text_dim) and each prompt's token count (B,), EOS included."""
         length = self.settings.text_max_length
         tokens = self.tokenizer(
             [p.strip() for p in prompts],
@@ -192,7 +185,7 @@ class OmniTransferPipeline:
         )
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
         hidden = self.text_encoder(ids, mask).last_hidden_state
-        return hidden * mask.unsqueeze(-1).to(hidden.dtype)  # Wan zeroes the padded positions
+        return hidden * mask.unsqueeze(-1).to(hidden.dtype), mask.sum(dim=1)  # Wan zeroes the padded positions
 
     @torch.no_grad()
     def encode_image(self, image: np.ndarray) -> torch.Tensor:
@@ -200,6 +193,25 @@ class OmniTransferPipeline:
         pixels = self.image_processor(images=image, return_tensors="pt").pixel_values
         out = self.image_encoder(pixels.to(self.image_encoder.device), output_hidden_states=True)
         return out.hidden_states[-2]
+
+    @torch.no_grad()
+    def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
+        """Normalised latents (1, z, f, h, w) of uint8 frames (T, H, W, 3)."""
+        return self.codec.encode(to_unit_range(frames))
+
+    @torch.no_grad()
+    def encode_first_frame(
+        self, image: ImageLike, num_frames: int, height: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A target's I2V conditioning from its first frame, resized to (height, width).
+
+        Returns the codec latent (1, z, f, h, w) of [first frame, zeros...] (``num_frames`` frames)
+        and the frame's CLIP tokens (1, N, image_dim), both float32.
+        """
+        first = self._load_image(image, height, width)
+        video = torch.zeros(1, 3, num_frames, height, width)
+        video[:, :, :1] = to_unit_range(first[None])  # [first frame, zeros...]
+        return self.codec.encode(video), self.encode_image(first)
 
     # ---- inputs -------------------------------------------------------------------------------------
     def _check_size(self, height: int, width: int, num_frames: int) -> None:
@@ -234,8 +246,7 @@ class OmniTransferPipeline:
         for ref in refs:
             n, h, w = ref.num_frames or num_frames, ref.height or height, ref.width or width
             self._check_size(h, w, n)
-            frames = self._load_video(ref.video, n, h, w)
-            latents.append(self.codec.encode(_to_unit_range(frames)))
+            latents.append(self.encode_frames(self._load_video(ref.video, n, h, w)))
         if not refs:
             return []
         dtype = self.transformer.dtype
@@ -287,48 +298,20 @@ class OmniTransferPipeline:
         )
         first_latent = image_tokens = None
         if image is not None:
-            first = self._load_image(image, height, width)
-            video = torch.zeros(1, 3, num_frames, height, width)
-            video[:, :, :1] = _to_unit_range(first[None])  # [first frame, zeros...]
-            first_latent = self.codec.encode(video)
-            image_tokens = self.encode_image(first).to(dtype)
+            first_latent, image_tokens = self.encode_first_frame(image, num_frames, height, width)
+            image_tokens = image_tokens.to(dtype)
         condition = target_condition(first_latent, torch.empty(shape, device=device))
 
         refs = self._reference_inputs(references, num_frames, height, width)
-        use_cfg = guidance > 1.0
-        text = self.encode_text([prompt, negative_prompt] if use_cfg else [prompt]).to(dtype)
-        if image_tokens is not None:
-            image_tokens = image_tokens.expand(text.shape[0], -1, -1)
-
-        grid = self.transformer.token_grid(torch.empty(shape))
-        cache = self.transformer.encode_references(refs, grid) if refs and use_reference_cache else None
-
-        def velocity(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            model_in = target_input(latents, condition.expand(latents.shape[0], -1, -1, -1, -1)).to(dtype)
-            return self.transformer(
-                model_in,
-                t.expand(latents.shape[0]).to(device),
-                text,
-                image_tokens,
-                references=None if cache is not None else [_batched(r, latents.shape[0]) for r in refs],
-                reference_cache=cache,
-            ).sample
+        text = self.encode_text([prompt, negative_prompt] if guidance > 1.0 else [prompt]).to(dtype)
 
         generator = torch.Generator("cpu").manual_seed(seed)
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-        latents = sample(
-            velocity,
-            noise,
-            make_scheduler(scheduler or s.scheduler, s.flow_shift if flow_shift is None else flow_shift),
-            steps,
-            guidance,
-            progress=progress,
-        )
+        solver = make_scheduler(scheduler or s.scheduler, s.flow_shift if flow_shift is None else flow_shift)
+        latents = denoise(
+            self.transformer, noise, condition, text, image_tokens, refs, solver, steps, guidance,
+            use_reference_cache=use_reference_cache, progress=progress,
+        )  # fmt: skip
         if output_type == "latent":
             return latents
-        return _to_uint8(self.codec.decode(latents))
-
-
-def _batched(ref: ReferenceInput, batch: int) -> ReferenceInput:
-    """The same reference for every sample of a guidance batch (the no-cache path recomputes it)."""
-    return ReferenceInput(ref.latents.expand(batch, -1, -1, -1, -1), ref.task, ref.context.expand(batch, -1, -1))
+        return to_uint8(self.codec.decode(latents))

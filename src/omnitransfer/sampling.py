@@ -8,7 +8,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from tqdm.auto import tqdm
 
+from .conditioning import target_input
 from .errors import InputError
+from .transformer import OmniTransferTransformer, ReferenceInput
 
 SCHEDULERS = ("unipc", "euler")
 
@@ -55,3 +57,48 @@ def sample(
             velocity = guided(velocity, guidance_scale)
         latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
     return latents
+
+
+def denoise(
+    transformer: OmniTransferTransformer,
+    noise: torch.Tensor,
+    condition: torch.Tensor,
+    text: torch.Tensor,
+    image_tokens: torch.Tensor | None,
+    references: list[ReferenceInput],
+    scheduler,
+    num_inference_steps: int,
+    guidance_scale: float,
+    use_reference_cache: bool = True,
+    progress: bool = True,
+) -> torch.Tensor:
+    """OmniTransfer sampling of one target: latents (1, z, f, h, w) from noise of that shape.
+
+    condition: (1, 4 + z, f, h, w) [mask | first-frame latent]; text: (1, L, D) prompt, or (2, L, D)
+    [prompt; negative prompt] with guidance; image_tokens: (1, N, D') or None. With the cache, the
+    reference branch runs once for the whole generation; without it, at every call (as under FSDP,
+    where only ``forward`` gathers the weights).
+    """
+    device, dtype = noise.device, transformer.dtype
+    batch = text.shape[0]
+    image = None if image_tokens is None else image_tokens.expand(batch, -1, -1)
+    cache = None
+    if references and use_reference_cache:
+        cache = transformer.encode_references(references, transformer.token_grid(noise))
+    per_call = [
+        ReferenceInput(r.latents.expand(batch, -1, -1, -1, -1), r.task, r.context.expand(batch, -1, -1))
+        for r in references
+    ]  # the no-cache path: the same reference for each sample of the guidance batch
+
+    def velocity(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        model_in = target_input(latents, condition.expand(batch, -1, -1, -1, -1)).to(dtype)
+        return transformer(
+            model_in,
+            t.expand(batch).to(device),
+            text,
+            image,
+            references=None if cache is not None else per_call,
+            reference_cache=cache,
+        ).sample
+
+    return sample(velocity, noise, scheduler, num_inference_steps, guidance_scale, progress)

@@ -1,0 +1,158 @@
+"""Training checkpoints (safetensors + JSON, written atomically) and the exported model folder.
+
+A checkpoint is a folder ``step-00001000`` holding ``model.safetensors`` (full state, fp32),
+``optimizer.safetensors`` (AdamW moments and step counts), ``ema.safetensors`` (optional) and
+``trainer.json`` (step, stage, architecture, optimizer hyper-parameters, seed). It is written under a
+temporary name and renamed when complete, so a kill at any moment leaves either the previous
+checkpoint or the new one. The learning-rate schedule, the data order and every random draw are pure
+functions of (seed, step), so the step is the whole of the scheduler, data and RNG state.
+Full (gathered) state dicts go through torch.distributed.checkpoint's state-dict API, which serves
+plain, DDP and FSDP models alike; every process must call ``save``/``load`` (they are collective).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ..errors import InputError
+from ..pipeline import SETTINGS_FILE
+from ..transformer import OmniTransferTransformer
+from .parallelize import World, barrier, unwrap
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+WRAPPER_PREFIX = "_checkpoint_wrapped_module."
+
+
+def clean_name(name: str) -> str:
+    return name.replace(WRAPPER_PREFIX, "")
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints in ``folder``, oldest first."""
+    return sorted(p for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit())
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    tensors = {}
+    for fqn, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"{clean_name(fqn)}::{key}"] = torch.as_tensor(value).contiguous()
+    groups = [{**g, "params": [clean_name(p) for p in g["params"]]} for g in state["param_groups"]]
+    return tensors, groups
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict], names: dict[str, str]) -> dict:
+    """Back to the state-dict API's layout; ``names`` maps clean names to the live model's names."""
+    state: dict[str, dict] = {}
+    for key, value in tensors.items():
+        fqn, field = key.split("::")
+        state.setdefault(names[fqn], {})[field] = value
+    groups = [{**g, "betas": tuple(g["betas"]), "params": [names[p] for p in g["params"]]} for g in groups]
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(folder: Path, step: int, stage: str, model, optimizer, ema, world: World, extra: dict) -> Path:
+    """Collective: gather the full state, then the main process writes it atomically."""
+    model_state = {clean_name(k): v for k, v in get_model_state_dict(model, options=FULL).items()}
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL)
+    ema_state = ema.full_state() if ema is not None else None
+    final = folder / f"step-{step:08d}"
+    if world.is_main:  # the gathered state lives on the main process only
+        opt_tensors, groups = _flatten_optimizer(optimizer_state)
+        tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        if ema_state is not None:
+            save_file(ema_state, tmp / "ema.safetensors")
+        meta = {"step": step, "stage": stage, "param_groups": groups, "world_size": world.size, **extra}
+        (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    barrier(world)
+    return final
+
+
+def read_meta(checkpoint: Path) -> dict:
+    try:
+        return json.loads((checkpoint / "trainer.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{checkpoint}: not a training checkpoint ({err})") from None
+
+
+def check_architecture(checkpoint: Path, meta: dict, architecture: dict) -> None:
+    """A checkpoint from another architecture (or LoRA setting) stops with one line naming the difference."""
+    saved = meta.get("architecture", {})
+    for key in sorted(set(saved) | set(architecture)):
+        if saved.get(key) != architecture.get(key):
+            raise InputError(
+                f"{checkpoint}: trained with {key}={saved.get(key)!r}, but this run's model has "
+                f"{key}={architecture.get(key)!r}: resume with the same model and config"
+            )
+
+
+def load_checkpoint(checkpoint: Path, model, optimizer, ema) -> dict:
+    """Collective: restore model, EMA and (unless None: a new stage starts) optimizer; returns trainer.json."""
+    meta = read_meta(checkpoint)
+    live_names = {clean_name(n): n for n, _ in unwrap(model).named_parameters()}
+    model_state = load_file(checkpoint / "model.safetensors")
+    missing = sorted(set(live_names) - set(model_state))
+    if missing:
+        raise InputError(f"{checkpoint}: no weights for {missing[0]} ({len(missing)} missing): another architecture")
+    full = {live_names.get(k, k): v for k, v in model_state.items()}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+    if optimizer is not None:
+        opt = _unflatten_optimizer(load_file(checkpoint / "optimizer.safetensors"), meta["param_groups"], live_names)
+        set_optimizer_state_dict(model, optimizer, opt, options=StateDictOptions(full_state_dict=True))
+    if ema is not None:
+        ema.load_full_state(load_file(checkpoint / "ema.safetensors"))
+    return meta
+
+
+def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """Fold peft LoRA factors into their base weights: W = W0 + scale * B @ A; plain names again."""
+    merged = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        if ".base_layer." in key:
+            prefix, name = key.split(".base_layer.")
+            if name == "weight":
+                a, b = state[f"{prefix}.lora_A.default.weight"], state[f"{prefix}.lora_B.default.weight"]
+                value = value + scale * (b.float() @ a.float()).to(value.dtype)
+            key = f"{prefix}.{name}"
+        merged[key] = value
+    return merged
+
+
+def export_model(
+    folder: Path, state: dict[str, torch.Tensor], architecture: dict, base_model: str, settings: dict
+) -> Path:
+    """Write a model folder that ``OmniTransferPipeline.from_pretrained`` and ``generate --model`` load:
+    ``transformer/`` (safetensors) and ``omnitransfer.json`` pointing at the base model for the rest."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with torch.device("meta"):
+        model = OmniTransferTransformer.from_config(architecture)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.save_pretrained(tmp / "transformer", safe_serialization=True)
+    (tmp / SETTINGS_FILE).write_text(json.dumps({**settings, "base_model": base_model}, indent=2))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder

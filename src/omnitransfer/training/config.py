@@ -1,0 +1,176 @@
+"""Training configuration: plain dataclasses read from YAML, with dotted overrides (``--set a.b=value``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import InputError
+
+TRAINABLE_SETS = ("blocks", "connector", "all")
+
+
+@dataclass
+class Stage:
+    """One stage of the recipe: how many steps, which parameters train, and at which learning rate."""
+
+    name: str
+    steps: int
+    trainable: str = "blocks"  # "blocks": the DiT blocks; "connector": the alignment module; "all"
+    lr: float | None = None  # None: optim.lr
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 100  # linear warm-up at the start of every stage, then constant
+    grad_clip: float = 1.0
+
+
+@dataclass
+class Timesteps:
+    """Logit-normal noise levels: s = sigmoid(N(mean, std)), then shifted as the sampler's flow shift."""
+
+    mean: float = 0.0
+    std: float = 1.0
+    shift: float = 1.0
+
+
+@dataclass
+class Lora:
+    rank: int = 0  # 0: full fine-tuning
+    alpha: float | None = None  # None: the rank
+    targets: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+    )
+
+
+@dataclass
+class Parallel:
+    strategy: str = "auto"  # "auto" (fsdp on several processes, none on one), "fsdp", "ddp", "none"
+    mixed_precision: str = "fp32"  # "bf16": bf16 compute, fp32 master weights and gradient reduction
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class TrainConfig:
+    data: str  # a cache folder written by `omnitransfer prepare`
+    model: str = "embedded"  # the base Wan2.1 I2V folder (its transformer is the starting point) or "embedded"
+    init_transformer: str | None = None  # optional: another transformer folder to start from
+    stages: list[Stage] = field(
+        default_factory=lambda: [
+            Stage("dit", 10_000, "blocks"),
+            Stage("connector", 2_000, "connector"),
+            Stage("joint", 5_000, "all"),
+        ]
+    )
+    global_batch: int = 16
+    micro_batch: int = 1
+    optim: Optim = field(default_factory=Optim)
+    timesteps: Timesteps = field(default_factory=Timesteps)
+    prompt_dropout: float = 0.1  # classifier-free-guidance dropout of the prompt
+    ema_decay: float | None = None
+    lora: Lora = field(default_factory=Lora)
+    parallel: Parallel = field(default_factory=Parallel)
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    validate_every: int = 0  # 0: no validation videos
+    validation_samples: int = 2
+    validation_steps: int = 20
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def stage_at(self, step: int) -> tuple[int, Stage]:
+        """(index, stage) that global step ``step`` (0-based) belongs to."""
+        end = 0
+        for i, stage in enumerate(self.stages):
+            end += stage.steps
+            if step < end:
+                return i, stage
+        return len(self.stages) - 1, self.stages[-1]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: Any, where: str):
+    """Instantiate dataclass ``cls`` from plain data, naming the offending key on any mistake."""
+    if not dataclasses.is_dataclass(cls):
+        return data
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise InputError(f"{where}: unknown key {unknown[0]!r} (expected one of {', '.join(sorted(hints))})")
+    kwargs = {}
+    for name, value in data.items():
+        sub = {"optim": Optim, "timesteps": Timesteps, "lora": Lora, "parallel": Parallel}.get(name)
+        if name == "stages" and cls is TrainConfig:
+            if not isinstance(value, list) or not value:
+                raise InputError(f"{where}.stages: expected a non-empty list of stages")
+            value = [_build(Stage, s, f"{where}.stages[{i}]") for i, s in enumerate(value)]
+        elif sub is not None and cls is TrainConfig:
+            value = _build(sub, value, f"{where}.{name}")
+        elif name == "betas":
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise InputError(f"{where}: {err}") from None
+
+
+def _check(config: TrainConfig, where: str) -> TrainConfig:
+    for i, stage in enumerate(config.stages):
+        if stage.trainable not in TRAINABLE_SETS:
+            raise InputError(f"{where}.stages[{i}].trainable: {stage.trainable!r} is not one of {TRAINABLE_SETS}")
+        if stage.steps < 0:
+            raise InputError(f"{where}.stages[{i}].steps: expected >= 0, got {stage.steps}")
+    if config.global_batch < 1 or config.micro_batch < 1:
+        raise InputError(f"{where}: global_batch and micro_batch must be positive")
+    if config.parallel.strategy not in ("auto", "fsdp", "ddp", "none"):
+        raise InputError(f"{where}.parallel.strategy: {config.parallel.strategy!r} is not auto, fsdp, ddp or none")
+    if config.parallel.mixed_precision not in ("fp32", "bf16"):
+        raise InputError(f"{where}.parallel.mixed_precision: expected fp32 or bf16")
+    return config
+
+
+def _set_dotted(data: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise InputError(f"--set {assignment!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
+    key, raw = assignment.split("=", 1)
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise InputError(f"--set {assignment!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML config; relative paths in ``data``/``model``/``init_transformer`` are relative to the CWD."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the config ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    for assignment in overrides:
+        _set_dotted(data, assignment)
+    if "data" not in data:
+        raise InputError(f"{path}: missing key 'data' (the cache folder written by `omnitransfer prepare`)")
+    return _check(_build(TrainConfig, data, str(path)), str(path))

@@ -1,0 +1,32 @@
+"""Exponential moving average of the weights, kept in fp32 beside each (possibly sharded) parameter."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+class EMA:
+    def __init__(self, model: torch.nn.Module, decay: float, clean_name):
+        self.decay = decay
+        named = list(model.named_parameters())
+        self.names = [clean_name(n) for n, _ in named]
+        self.params = [p for _, p in named]
+        self.shadow = [p.detach().float().clone() for p in self.params]  # same sharding as the parameter
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Gathered weights by name (collective under FSDP)."""
+        full = (t.full_tensor() if isinstance(t, DTensor) else t for t in self.shadow)
+        return {name: t.detach().cpu().contiguous() for name, t in zip(self.names, full)}
+
+    @torch.no_grad()
+    def load_full_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, t in zip(self.names, self.shadow):
+            value = state[name].to(t.device if not isinstance(t, DTensor) else t.to_local().device)
+            if isinstance(t, DTensor):
+                value = distribute_tensor(value, t.device_mesh, t.placements)
+            t.copy_(value)

@@ -1,0 +1,93 @@
+"""Rectified-flow objective on target tokens, with a clean reference at timestep 0.
+
+x_s = (1 - s) x0 + s e,   velocity target v = e - x0,   timestep = 1000 s,
+s ~ logit-normal(mean, std) then shifted like the sampler: s' = k s / (1 + (k - 1) s).
+Randomness is counter-based: each sample's noise, s and prompt dropout come from a generator seeded
+by (seed, step, position in the global batch), so a run is reproducible whatever the number of
+processes, and a resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..conditioning import reference_input, target_condition, target_input
+from ..tasks import Task
+from ..transformer import ReferenceInput
+from .config import Timesteps
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass
+class Batch:
+    """Stacked cached samples that share one signature (tasks and shapes)."""
+
+    tasks: tuple[Task, ...]
+    positions: list[int]  # each sample's position in the global batch (drives its random draws)
+    target: torch.Tensor  # (B, z, f, h, w) clean target latents
+    condition: torch.Tensor | None  # (B, z, f, h, w) first-frame latents, or None
+    image_tokens: torch.Tensor | None  # (B, N, image_dim)
+    prompt: torch.Tensor  # (B, L, text_dim)
+    references: list[torch.Tensor]  # per task: (B, z, f_r, h_r, w_r)
+    reference_prompts: list[torch.Tensor]  # per task: (B, L, text_dim)
+
+    def to(self, device, dtype) -> Batch:
+        def move(x):
+            return None if x is None else x.to(device=device, dtype=dtype)
+
+        return Batch(
+            self.tasks,
+            self.positions,
+            move(self.target),
+            move(self.condition),
+            move(self.image_tokens),
+            move(self.prompt),
+            [move(r) for r in self.references],
+            [move(p) for p in self.reference_prompts],
+        )
+
+
+def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_003 + position)
+
+
+def draw(timesteps: Timesteps, shape: tuple[int, ...], gen: torch.Generator, drop_rate: float):
+    """One sample's noise (shape), noise level s in (0, 1) and prompt-dropout decision."""
+    noise = torch.randn(shape, generator=gen)
+    s = torch.sigmoid(torch.randn((), generator=gen) * timesteps.std + timesteps.mean)
+    k = timesteps.shift
+    s = k * s / (1 + (k - 1) * s)
+    drop = bool(torch.rand((), generator=gen) < drop_rate)
+    return noise, s, drop
+
+
+def flow_matching_loss(
+    model,
+    batch: Batch,
+    null_prompt: torch.Tensor,
+    timesteps: Timesteps,
+    prompt_dropout: float,
+    seed: int,
+    step: int,
+) -> torch.Tensor:
+    """Mean squared velocity error over the target tokens (the model outputs nothing else)."""
+    x0 = batch.target
+    draws = [draw(timesteps, x0.shape[1:], sample_generator(seed, step, p), prompt_dropout) for p in batch.positions]
+    noise = torch.stack([d[0] for d in draws]).to(x0)  # (B, z, f, h, w)
+    s = torch.stack([d[1] for d in draws]).to(x0)  # (B,)
+    dropped = torch.tensor([d[2] for d in draws], device=x0.device).view(-1, 1, 1)
+    s5 = s.view(-1, 1, 1, 1, 1)
+    x_s = (1 - s5) * x0 + s5 * noise
+    velocity = noise - x0
+    prompt = torch.where(dropped, null_prompt.to(batch.prompt).expand_as(batch.prompt), batch.prompt)
+    references = [
+        ReferenceInput(reference_input(latent, task), task, context)
+        for task, latent, context in zip(batch.tasks, batch.references, batch.reference_prompts, strict=True)
+    ]
+    model_in = target_input(x_s, target_condition(batch.condition, x0))
+    pred = model(model_in, s * NUM_TRAIN_TIMESTEPS, prompt, batch.image_tokens, references=references).sample
+    return F.mse_loss(pred.float(), velocity.float())

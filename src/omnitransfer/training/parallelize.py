@@ -1,0 +1,120 @@
+"""Distribution applied to a plain model from outside (the model file knows nothing of it).
+
+One code path from one CPU process to N GPUs x M nodes: processes come from torchrun or
+``accelerate launch`` (both set RANK / WORLD_SIZE / LOCAL_RANK); NCCL on GPUs, gloo on CPUs.
+- FSDP (``fully_shard``): one unit per transformer block plus the root, optional bf16 compute with
+  fp32 master weights and fp32 gradient reduction;
+- DDP: replicated weights, bf16 through autocast when asked;
+- activation checkpointing: each block wrapped with ``checkpoint_wrapper``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from .config import Parallel
+
+
+@dataclass
+class World:
+    rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world() -> World:
+    """Join the process group torchrun/accelerate describe in the environment (or run alone)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
+    return World(dist.get_rank() if size > 1 else 0, size, device)
+
+
+def strategy_for(parallel: Parallel, world: World) -> str:
+    """The configured strategy; one process needs none ("auto" picks FSDP for several)."""
+    if world.size == 1:
+        return "none"
+    return "fsdp" if parallel.strategy == "auto" else parallel.strategy
+
+
+def parallelize(model: torch.nn.Module, parallel: Parallel, world: World) -> torch.nn.Module:
+    """Activation checkpointing, then FSDP or DDP, over ``model.blocks`` and the root."""
+    model.to(world.device)
+    if parallel.activation_checkpointing:
+        for i, block in enumerate(model.blocks):
+            model.blocks[i] = checkpoint_wrapper(block)
+    strategy = strategy_for(parallel, world)
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # The blocks return views (unflattened keys/values); nothing modifies them in place, so FSDP's
+        # warning about in-place ops on views does not apply.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        mesh = init_device_mesh(world.device.type, (world.size,))
+        mp = None
+        if parallel.mixed_precision == "bf16":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kwargs = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
+        for block in model.blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [world.device.index] if world.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model under a DDP wrapper (FSDP keeps the model's own class)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def autocast(parallel: Parallel, world: World):
+    """bf16 autocast for strategies without their own mixed precision (DDP, single process)."""
+    if parallel.mixed_precision == "bf16" and strategy_for(parallel, world) != "fsdp":
+        return torch.autocast(world.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """Skip gradient synchronisation on all but the last micro-batch of an accumulation."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if enabled else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def all_mean(value: float, world: World) -> float:
+    """Mean of a scalar over all processes."""
+    if world.size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=world.device if world.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.item() / world.size
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()

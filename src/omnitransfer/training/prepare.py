@@ -1,0 +1,252 @@
+"""``omnitransfer prepare``: encode a training manifest once into a latent cache, shard by shard.
+
+Every distinct video is decoded and encoded once, every distinct prompt once, at the target size;
+references are resized and resampled to the target's size and frame count, as at generation. A rerun
+into the same folder with the same fingerprint (manifest + sha256, model, sizes, shard size, dtype)
+skips the complete shards; a shard only exists once complete, so an interrupted run loses at most the
+shard it was writing. The cache layout is described in `omnitransfer.training.cache`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+from ..errors import InputError
+from ..video import check_num_frames
+from .manifest import Record, load_manifest
+
+if TYPE_CHECKING:  # heavy modules load only when preparing (the CLI's argument checks stay fast)
+    import torch
+
+    from ..pipeline import OmniTransferPipeline
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class PrepareReport:
+    records: int
+    shards: int
+    shards_skipped: int  # complete from an earlier run
+    bytes: int  # the cache folder's size
+    seconds: float
+
+
+def add_prepare_command(subparsers) -> argparse.ArgumentParser:
+    """Add ``prepare`` to the CLI's subparsers; its ``run`` default is `run_prepare`."""
+    p = subparsers.add_parser("prepare", help="encode a training manifest once into a latent cache (resumable)")
+    p.add_argument("--manifest", type=Path, required=True, help="JSONL training pairs (one object per line)")
+    p.add_argument("--model", type=Path, help="a local Wan2.1 I2V folder; the embedded model otherwise")
+    p.add_argument("--output", type=Path, required=True, help="the cache folder; rerun the same command to resume")
+    p.add_argument("--height", type=int, help="target height in pixels, a multiple of 16 (model default otherwise)")
+    p.add_argument("--width", type=int, help="target width in pixels, a multiple of 16 (model default otherwise)")
+    p.add_argument("--frames", type=int, help="target frame count, 4k+1 (model default otherwise)")
+    p.add_argument("--shard-size", type=int, default=64, help="records per shard file (default 64)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="storage precision of the tensors")
+    p.add_argument("--device", default="cpu", help="torch device of the encoders, e.g. cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_prepare)
+    return p
+
+
+def run_prepare(args: argparse.Namespace) -> None:
+    report = prepare(
+        args.manifest,
+        args.output,
+        args.model,
+        height=args.height,
+        width=args.width,
+        num_frames=args.frames,
+        shard_size=args.shard_size,
+        dtype=args.dtype,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    done = f" ({report.shards_skipped} already complete)" if report.shards_skipped else ""
+    print(
+        f"prepared {report.records} records in {report.shards} shards{done}, "
+        f"{report.bytes / 1e6:.1f} MB, in {report.seconds:.1f} s -> {args.output}"
+    )
+
+
+def prepare(
+    manifest: str | Path,
+    output: str | Path,
+    model: str | Path | None = None,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    shard_size: int = 64,
+    dtype: str = "float32",
+    device: str = "cpu",
+    progress: bool = True,
+) -> PrepareReport:
+    """Validate ``manifest`` in full, then encode it into the cache folder ``output`` (resuming it)."""
+    start = time.perf_counter()
+    if shard_size < 1:
+        raise InputError(f"--shard-size {shard_size}: expected at least 1")
+    if dtype not in DTYPES:
+        raise InputError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if num_frames is not None:
+        check_num_frames(num_frames, what="--frames")
+    records = load_manifest(manifest, progress=progress)
+
+    import torch  # the heavy imports, once the manifest is known to be usable
+
+    from ..pipeline import OmniTransferPipeline
+    from . import cache
+
+    pipe = OmniTransferPipeline.from_pretrained(model, device=device)
+    s = pipe.settings
+    num_frames, height, width = num_frames or s.num_frames, height or s.height, width or s.width
+    pipe._check_size(height, width, num_frames)
+    if pipe.image_encoder is None and any(r.has_image for r in records):
+        raise InputError(f"{model or 'the embedded model'}: no image encoder, but records have a first frame")
+
+    manifest, output = Path(manifest).resolve(), Path(output)
+    fingerprint = {
+        "manifest": str(manifest),
+        "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+        "model": str(Path(model).resolve()) if model is not None else "embedded",
+        "height": height,
+        "width": width,
+        "num_frames": num_frames,
+        "shard_size": shard_size,
+        "dtype": dtype,
+    }
+    cache.check_fingerprint(output, fingerprint)
+    output.mkdir(parents=True, exist_ok=True)
+    for stale in output.glob(cache.TEMPORARY_GLOB):  # left by a killed run
+        stale.unlink()
+    if not (output / cache.PREPARE_FILE).is_file():
+        cache.write_json(output / cache.PREPARE_FILE, fingerprint)
+
+    encoder = _Encoder(pipe, num_frames, height, width)
+    shards = [range(first, min(first + shard_size, len(records))) for first in range(0, len(records), shard_size)]
+    skipped = _write_shards(output, records, shards, encoder, getattr(torch, dtype), progress)
+    if not (output / cache.EXTRA_FILE).is_file():
+        cache.write_tensors(output / cache.EXTRA_FILE, {cache.NULL_PROMPT: _text(pipe, "")}, getattr(torch, dtype))
+
+    header = {
+        "manifest": str(manifest),
+        "model": fingerprint["model"],
+        "height": height,
+        "width": width,
+        "num_frames": num_frames,
+        "text_max_length": s.text_max_length,
+        "text_dim": pipe.text_encoder.config.d_model,
+        "latent_channels": pipe.codec.latent_channels,
+        "dtype": dtype,
+        cache.NULL_PROMPT: cache.EXTRA_FILE,
+    }
+    cache.write_index(output, header, [_entry(r, cache.shard_name(i // shard_size)) for i, r in enumerate(records)])
+    size = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
+    return PrepareReport(len(records), len(shards), skipped, size, time.perf_counter() - start)
+
+
+def _write_shards(
+    output: Path, records: list[Record], shards: list[range], encoder: _Encoder, dtype: torch.dtype, progress: bool
+) -> int:
+    """Encode and write every shard not yet complete in ``output``; return how many were complete."""
+    from . import cache
+
+    pending = [k for k in range(len(shards)) if not (output / cache.shard_name(k)).is_file()]
+    if pending:
+        (output / cache.INDEX_FILE).unlink(missing_ok=True)  # no index while the cache is incomplete
+    todo = [records[i] for k in pending for i in shards[k]]
+    encoded = encoder.encode(todo)  # each record's fields, in order
+    done = len(records) - len(todo)
+    with tqdm(
+        total=len(records), initial=done, desc="encoding", unit="record", disable=None if progress else True
+    ) as bar:
+        for k in pending:
+            tensors = {}
+            for i in shards[k]:
+                tensors.update({cache.key(i, field): t for field, t in next(encoded).items()})
+                bar.update()
+            cache.write_tensors(output / cache.shard_name(k), tensors, dtype)
+    return len(shards) - len(pending)
+
+
+def _entry(record: Record, shard: str) -> dict:
+    """A record's index entry (the shapes are added from the shard by `cache.write_index`)."""
+    return {
+        "line": record.line,
+        "tasks": [t.value for t in record.tasks],
+        "shard": shard,
+        "has_image": record.has_image,
+        "prompt": record.prompt,
+        "reference_prompts": list(record.reference_prompts),
+        "target": str(record.target),
+        "references": [str(p) for p in record.references],
+        "image": str(record.image) if record.image is not None else None,
+    }
+
+
+def _text(pipe: OmniTransferPipeline, prompt: str) -> torch.Tensor:
+    """Unpadded UMT5 features (L, text_dim) of one prompt: its real tokens, EOS included."""
+    features, lengths = pipe.encode_text_with_lengths([prompt])
+    return features[0, : int(lengths[0])].float().cpu().clone()
+
+
+class _Encoder:
+    """Encodes records into their cache fields. Each distinct input (video, first frame, prompt) is
+    encoded once and kept, on the CPU, until the last record of the run that uses it."""
+
+    def __init__(self, pipe: OmniTransferPipeline, num_frames: int, height: int, width: int):
+        self.pipe, self.size = pipe, (num_frames, height, width)
+        self._decoded: tuple[Path | None, object] = (None, None)  # the last video's frames (T, H, W, 3)
+
+    @staticmethod
+    def _inputs(record: Record) -> list[tuple[str, tuple]]:
+        """(field, input key) for each field of a record; fields with equal keys share one encoding."""
+        items = [("target", ("video", record.target)), ("prompt", ("text", record.prompt))]
+        if record.image is not None:
+            items.append(("first_frame", ("image", record.image)))
+        elif record.image_from_target:
+            items.append(("first_frame", ("first frame of", record.target)))
+        for j, (path, caption) in enumerate(zip(record.references, record.reference_prompts)):
+            items += [(f"reference.{j}", ("video", path)), (f"reference_prompt.{j}", ("text", caption))]
+        return items
+
+    def encode(self, records: list[Record]) -> Iterator[dict[str, torch.Tensor]]:
+        """Each record's fields: target, prompt, [condition, image_tokens,] reference.J, reference_prompt.J."""
+        last_use = {key: r for r, record in enumerate(records) for _, key in self._inputs(record)}
+        values: dict[tuple, object] = {}
+        for r, record in enumerate(records):
+            fields = {}
+            for field, key in self._inputs(record):
+                if key not in values:
+                    values[key] = self._compute(*key)
+                if field == "first_frame":
+                    fields["condition"], fields["image_tokens"] = values[key]
+                else:
+                    fields[field] = values[key]
+            for key in [k for k in values if last_use[k] == r]:
+                del values[key]
+            yield fields
+
+    def _compute(self, kind: str, source):
+        n, h, w = self.size
+        if kind == "text":
+            return _text(self.pipe, source)
+        if kind == "video":  # (z, f, h, w)
+            return self.pipe.encode_frames(self._frames(source))[0].cpu()
+        image = self._frames(source)[0] if kind == "first frame of" else source
+        latent, tokens = self.pipe.encode_first_frame(image, n, h, w)
+        return latent[0].cpu(), tokens[0].float().cpu()  # (z, f, h, w), (N, image_dim)
+
+    def _frames(self, path: Path):
+        """uint8 (T, H, W, 3) at the target size; the last video is kept, as its first frame may follow."""
+        if self._decoded[0] != path:
+            self._decoded = (path, self.pipe._load_video(path, *self.size))
+        return self._decoded[1]

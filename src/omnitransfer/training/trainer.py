@@ -1,0 +1,293 @@
+"""The training loop: the paper's stages over the latent cache, one code path from 1 CPU to N x M GPUs."""
+
+from __future__ import annotations
+
+import math
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..codecs import to_uint8
+from ..conditioning import reference_input, target_condition
+from ..errors import InputError
+from ..pipeline import EMBEDDED_MODEL, OmniTransferPipeline
+from ..sampling import denoise, make_scheduler
+from ..transformer import OmniTransferTransformer, ReferenceInput
+from ..video import save_video
+from .batches import BatchPlan, collate
+from .cache import LatentCache
+from .checkpoint import (
+    check_architecture,
+    checkpoints,
+    clean_name,
+    export_model,
+    load_checkpoint,
+    merge_lora,
+    read_meta,
+    save_checkpoint,
+)
+from .config import Stage, TrainConfig
+from .ema import EMA
+from .objective import flow_matching_loss
+from .parallelize import World, all_mean, autocast, gradient_sync, init_world, parallelize, unwrap
+
+
+def _model_folder(name: str) -> Path:
+    return EMBEDDED_MODEL if name == "embedded" else Path(name)
+
+
+def load_transformer(config: TrainConfig) -> OmniTransferTransformer:
+    """The starting transformer (fp32 master weights), with LoRA adapters when configured."""
+    folder = Path(config.init_transformer) if config.init_transformer else _model_folder(config.model) / "transformer"
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no transformer folder to start from (config 'model' / 'init_transformer')")
+    model = OmniTransferTransformer.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
+    if config.lora.rank > 0:
+        from peft import LoraConfig
+
+        alpha = config.lora.alpha or config.lora.rank
+        model.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=alpha, target_modules=config.lora.targets))
+    return model
+
+
+def architecture(model: OmniTransferTransformer, config: TrainConfig) -> dict:
+    arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items() if not k.startswith("_")}
+    return {**arch, "lora_rank": config.lora.rank}
+
+
+def trainable_names(model: torch.nn.Module, stage: Stage, lora: bool) -> set[str]:
+    """Names of the parameters a stage trains (LoRA factors only, in the DiT blocks, when LoRA is on)."""
+    names = set()
+    for name, _ in model.named_parameters():
+        clean = clean_name(name)
+        in_blocks = clean.startswith("blocks.")
+        if stage.trainable == "all" or (stage.trainable == "blocks" and in_blocks):
+            if not lora or not in_blocks or ".lora_" in clean:
+                names.add(name)
+        # "connector": the alignment module, which this model does not have
+    return names
+
+
+def learning_rate(config: TrainConfig, stage: Stage, step_in_stage: int) -> float:
+    base = stage.lr if stage.lr is not None else config.optim.lr
+    return base * min(1.0, (step_in_stage + 1) / max(1, config.optim.warmup_steps))
+
+
+def make_optimizer(model: torch.nn.Module, names: set[str], config: TrainConfig) -> torch.optim.Optimizer:
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+    params = [p for name, p in model.named_parameters() if name in names]
+    o = config.optim
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+
+
+def memory_mb(world: World) -> float:
+    if world.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(world.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (KiB on Linux)
+
+
+class Logger:
+    """stdout and TensorBoard, main process only."""
+
+    def __init__(self, folder: Path, world: World):
+        self.world = world
+        self.tb = None
+        if world.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(folder / "tensorboard"))
+            except ImportError:
+                print("tensorboard is not installed: logging to stdout only", file=sys.stderr)
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.world.is_main:
+            return
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        print(f"step {step} {text}", flush=True)
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, output: Path, resume: bool = False, max_steps: int | None = None):
+        self.config, self.output = config, Path(output)
+        self.ckpt_dir = self.output / "checkpoints"
+        existing = checkpoints(self.ckpt_dir) if self.ckpt_dir.is_dir() else []
+        if existing and not resume:
+            raise InputError(f"{self.output}: holds checkpoints already: pass --resume, or choose another --output")
+        self.resume_from = existing[-1] if resume and existing else None
+        self.cache = LatentCache(config.data)  # validates the cache before anything heavy
+        self.plan = BatchPlan(
+            [self.cache.signature(i) for i in range(len(self.cache))], config.global_batch, config.seed
+        )
+        self.world = init_world()
+        if config.global_batch % self.world.size:
+            raise InputError(f"global_batch {config.global_batch} is not divisible by {self.world.size} processes")
+        self.end = min(config.total_steps, max_steps) if max_steps is not None else config.total_steps
+
+        plain = load_transformer(config)
+        self.architecture = architecture(plain, config)
+        if self.resume_from is not None:  # before any step: a checkpoint of another architecture stops here
+            check_architecture(self.resume_from, read_meta(self.resume_from), self.architecture)
+        self.model = parallelize(plain, config.parallel, self.world)
+        self.ema = EMA(unwrap(self.model), config.ema_decay, clean_name) if config.ema_decay else None
+        self.logger = Logger(self.output, self.world)
+        self.history: list[tuple[int, float]] = []  # (step, loss) of every step of this run
+
+    # -- one optimisation step ----------------------------------------------------------------------
+    def _step(self, step: int, optimizer) -> dict:
+        config, world = self.config, self.world
+        indices = self.plan.batch(step)
+        per_rank = len(indices) // world.size
+        mine = list(range(world.rank * per_rank, (world.rank + 1) * per_rank))  # positions in the global batch
+        chunks = [mine[i : i + config.micro_batch] for i in range(0, per_rank, config.micro_batch)]
+        null = self.cache.null_prompt.to(world.device)
+        total, tokens = 0.0, 0
+        for n, chunk in enumerate(chunks):
+            batch = collate([self.cache[indices[p]] for p in chunk], chunk).to(world.device, torch.float32)
+            grid = unwrap(self.model).token_grid
+            tokens += len(chunk) * sum(math.prod(grid(x)) for x in [batch.target, *batch.references])
+            with gradient_sync(self.model, n == len(chunks) - 1), autocast(config.parallel, world):
+                loss = flow_matching_loss(
+                    self.model, batch, null, config.timesteps, config.prompt_dropout, config.seed, step
+                )
+                (loss * len(chunk) / per_rank).backward()
+            total += loss.item() * len(chunk) / per_rank
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        return {"loss": all_mean(total, world), "grad_norm": float(grad_norm), "tokens": tokens * world.size}
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def run(self) -> Path | None:
+        config, world = self.config, self.world
+        self.output.mkdir(parents=True, exist_ok=True)
+        if world.is_main:
+            (self.output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        step, stage_index, optimizer = 0, None, None
+        meta = None
+        if self.resume_from is not None:
+            meta = read_meta(self.resume_from)
+            step = meta["step"]
+        busy, samples_since, tokens_since = 0.0, 0, 0  # throughput counts step time only (not checkpoints)
+        while step < self.end:
+            index, stage = config.stage_at(step)
+            stage_start = sum(s.steps for s in config.stages[:index])
+            if index != stage_index:
+                names = trainable_names(unwrap(self.model), stage, config.lora.rank > 0)
+                stage_index = index
+                if not names:
+                    self.logger.log(step, {"stage": stage.name, "skipped": "no parameters (no alignment module)"})
+                    step = stage_start + stage.steps
+                    continue
+                optimizer = make_optimizer(unwrap(self.model), names, config)
+                if meta is not None:  # resuming: the optimizer state belongs to this stage only if it was saved in it
+                    same_stage = meta["stage"] == stage.name and step > stage_start
+                    load_checkpoint(self.resume_from, self.model, optimizer if same_stage else None, self.ema)
+                    meta = None
+                self.logger.log(
+                    step,
+                    {
+                        "stage": stage.name,
+                        "trainable_params": sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
+                    },
+                )
+            lr = learning_rate(config, stage, step - stage_start)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            started = time.perf_counter()
+            stats = self._step(step, optimizer)
+            busy += time.perf_counter() - started
+            self.history.append((step, stats["loss"]))
+            step += 1
+            samples_since += config.global_batch
+            tokens_since += stats["tokens"]
+            if step % config.log_every == 0 or step == self.end:
+                self.logger.log(step, {
+                    "loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
+                    "samples_per_s": samples_since / busy, "tokens_per_s": tokens_since / busy,
+                    "memory_mb": memory_mb(world),
+                })  # fmt: skip
+                busy, samples_since, tokens_since = 0.0, 0, 0
+            if step % config.checkpoint_every == 0 or step == self.end:
+                self._checkpoint(step, stage, optimizer)
+            if config.validate_every and step % config.validate_every == 0:
+                self.validate(step)
+        model_dir = self.export()
+        self.logger.close()
+        return model_dir
+
+    def _checkpoint(self, step: int, stage: Stage, optimizer) -> None:
+        extra = {
+            "architecture": self.architecture,
+            "seed": self.config.seed,
+            "rng": "counter-based (seed, step, position)",
+        }
+        save_checkpoint(self.ckpt_dir, step, stage.name, self.model, optimizer, self.ema, self.world, extra)
+        if self.world.is_main:
+            for old in checkpoints(self.ckpt_dir)[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def export(self) -> Path | None:
+        """The trained transformer (EMA weights if kept, LoRA merged) as a loadable model folder."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        from .checkpoint import FULL
+
+        if self.ema is not None:
+            state = self.ema.full_state()
+        else:
+            state = {clean_name(k): v for k, v in get_model_state_dict(self.model, options=FULL).items()}
+        if not self.world.is_main:
+            return None
+        if self.config.lora.rank > 0:
+            state = merge_lora(state, (self.config.lora.alpha or self.config.lora.rank) / self.config.lora.rank)
+        arch = {k: v for k, v in self.architecture.items() if k != "lora_rank"}
+        info = self.cache.info
+        settings = {"height": info["height"], "width": info["width"], "num_frames": info["num_frames"],
+                    "text_max_length": info["text_max_length"]}  # fmt: skip
+        base = str(_model_folder(self.config.model).resolve())
+        folder = export_model(self.output / "model", state, arch, base, settings)
+        print(f"exported {folder}", flush=True)
+        return folder
+
+    @torch.no_grad()
+    def validate(self, step: int) -> None:
+        """Validation videos of the first cached samples (guidance 5, UniPC). Every process runs the model
+        (FSDP gathers weights inside forward); the main one decodes with the base model's codec."""
+        pipe = OmniTransferPipeline.from_pretrained(_model_folder(self.config.model)) if self.world.is_main else None
+        null = self.cache.null_prompt.to(self.world.device)
+        for i in range(min(self.config.validation_samples, len(self.cache))):
+            batch = collate([self.cache[i]], [0]).to(self.world.device, torch.float32)
+            references = [
+                ReferenceInput(reference_input(latent, task), task, context)
+                for task, latent, context in zip(batch.tasks, batch.references, batch.reference_prompts, strict=True)
+            ]
+            noise = torch.randn(batch.target.shape, generator=torch.Generator().manual_seed(self.config.seed))
+            latents = denoise(
+                self.model, noise.to(batch.target), target_condition(batch.condition, batch.target),
+                torch.cat([batch.prompt, null[None]]), batch.image_tokens, references,
+                make_scheduler("unipc", 3.0), self.config.validation_steps, 5.0,
+                use_reference_cache=False, progress=False,
+            )  # fmt: skip
+            if pipe is not None:
+                frames = to_uint8(pipe.codec.decode(latents))
+                save_video(
+                    frames, self.output / "validation" / f"step-{step:08d}" / f"sample-{i:03d}.mp4", pipe.settings.fps
+                )
