@@ -163,3 +163,101 @@ def test_training_loss_falls(cache, tmp_path):
     curve = [loss for _, loss in trainer.history]
     first, last = np.mean(curve[:25]), np.mean(curve[-25:])
     assert last < 0.8 * first, (first, last)  # measured: 1.11 -> 0.72 (and 0.57 after 250 steps)
+
+
+def _tiny_batch(seed: int = 0):
+    from omnitransfer.tasks import Task
+    from omnitransfer.training.objective import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    z = (16, 2, 4, 6)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    return Batch((Task.MOTION,), [0, 1], r(2, *z), r(2, *z), r(2, 5, 24), r(2, 512, 32), [r(2, *z)], [r(2, 512, 32)])
+
+
+def test_loss_covers_target_tokens_only_and_reaches_the_reference(tiny_wan):
+    from omnitransfer.training.config import Timesteps
+    from omnitransfer.training.objective import flow_matching_loss
+    from omnitransfer.transformer import OmniTransferTransformer
+
+    model = OmniTransferTransformer.from_wan(tiny_wan).train()
+    batch = _tiny_batch()
+    null = torch.zeros(512, 32)
+    outputs = []  # (calls' batch size, the hidden states each block call returns)
+    hooks = [b.register_forward_hook(lambda m, a, o: outputs.append(o[0])) for b in model.blocks]
+    loss = flow_matching_loss(model, batch, null, Timesteps(), 0.0, seed=0, step=0)
+    for h in hooks:
+        h.remove()
+    # the reference's last block stops at its keys/values: no reference token ever reaches an output
+    assert outputs[len(model.blocks) - 1] is None and all(o is not None for o in outputs[len(model.blocks) :])
+
+    # the gradient reaches the reference input, whose only way to the loss is the target attending to it
+    batch.references[0].requires_grad_(True)
+    loss = flow_matching_loss(model, batch, null, Timesteps(), 0.0, seed=0, step=0)
+    loss.backward()
+    assert batch.references[0].grad.abs().sum() > 0
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    other_ref = _tiny_batch()
+    other_ref.references[0] = torch.randn_like(other_ref.references[0])
+    flow_matching_loss(model, other_ref, null, Timesteps(), 0.0, seed=0, step=0).backward()
+    # the blocks' weights get a different gradient when only the reference differs
+    assert not torch.allclose(grads["blocks.0.attn1.to_k.weight"], model.blocks[0].attn1.to_k.weight.grad)
+
+
+def test_activation_checkpointing_changes_nothing(tiny_wan):
+    import copy
+
+    from omnitransfer.training.config import Parallel, Timesteps
+    from omnitransfer.training.objective import flow_matching_loss
+    from omnitransfer.training.parallelize import World, parallelize
+    from omnitransfer.transformer import OmniTransferTransformer
+
+    world = World(0, 1, torch.device("cpu"))
+    plain = OmniTransferTransformer.from_wan(tiny_wan).train()
+    wrapped = parallelize(copy.deepcopy(plain), Parallel(activation_checkpointing=True), world)
+    grads = []
+    for model in (plain, wrapped):
+        loss = flow_matching_loss(model, _tiny_batch(), torch.zeros(512, 32), Timesteps(), 0.1, seed=1, step=3)
+        loss.backward()
+        grads.append({n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_lora_trains_adapters_only_and_exports_merged_weights(cache, tmp_path):
+    from omnitransfer.pipeline import OmniTransferPipeline
+
+    run = tmp_path / "lora"
+    result = train(cache, run, "stages=[{name: dit, steps: 4, trainable: blocks}]", "lora.rank=4",
+                   "optim.lr=1.0e-2", "validate_every=2", "validation_steps=2")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "trainable_params=" in result.stdout
+    trainable = int(result.stdout.split("trainable_params=")[1].split()[0])
+    assert 0 < trainable < 100_000  # only the LoRA factors (the blocks hold 526,080 weights)
+    exported = weights(run)
+    assert not any("lora" in k or "base_layer" in k for k in exported)
+    before = load_file(ROOT / "src/omnitransfer/embedded/transformer/diffusion_pytorch_model.safetensors")
+    assert exported.keys() == before.keys()
+    assert not torch.equal(exported["blocks.0.attn1.to_q.weight"], before["blocks.0.attn1.to_q.weight"])
+    assert torch.equal(exported["blocks.0.norm2.weight"], before["blocks.0.norm2.weight"])  # not a LoRA target
+    assert len(list((run / "validation").glob("step-*/sample-*.mp4"))) == 4
+    # the merged export equals the LoRA model it came from
+    checkpoint = load_file(run / "checkpoints" / "step-00000004" / "model.safetensors")
+    from peft import LoraConfig
+
+    from omnitransfer.transformer import OmniTransferTransformer
+
+    lora_model = OmniTransferTransformer.from_pretrained(ROOT / "src/omnitransfer/embedded/transformer")
+    lora_model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0",
+                                                                         "ffn.net.0.proj", "ffn.net.2"]))  # fmt: skip
+    lora_model.load_state_dict(checkpoint)
+    merged = OmniTransferPipeline.from_pretrained(run / "model").transformer
+    x = torch.randn(1, 36, 2, 4, 6)
+    args = (x, torch.tensor([500.0]), torch.randn(1, 32, 32), torch.randn(1, 17, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(*args).sample, lora_model(*args).sample, rtol=1e-4, atol=1e-5)

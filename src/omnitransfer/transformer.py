@@ -73,20 +73,27 @@ def _tile_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 class OmniTransferBlock(WanTransformerBlock):
-    """A Wan block whose self-attention can add extra keys/values and returns its own keys/values."""
+    """A Wan block whose self-attention can add extra keys/values and returns its own keys/values.
 
-    def _modulation(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    The per-stream steps take a name ``suffix``: "" runs the block's own modules; a subclass may hold a
+    parallel copy of them under suffixed names (VAP's expert, ``attn1_mot_ref`` ...) and run the same steps.
+    """
+
+    def _modulation(self, temb: torch.Tensor, suffix: str = "") -> tuple[torch.Tensor, ...]:
         """Six modulation vectors (shift, scale, gate for attention; the same for the FFN)."""
+        table = getattr(self, "scale_shift_table" + suffix)
         if temb.ndim == 4:  # per-token timesteps: (B, S, 6, D) -> six (B, S, D)
-            return tuple(m.squeeze(2) for m in (self.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2))
-        return (self.scale_shift_table + temb.float()).chunk(6, dim=1)  # (B, 6, D) -> six (B, 1, D)
+            return tuple(m.squeeze(2) for m in (table.unsqueeze(0) + temb.float()).chunk(6, dim=2))
+        return (table + temb.float()).chunk(6, dim=1)  # (B, 6, D) -> six (B, 1, D)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend) -> torch.Tensor:
         out = dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, backend=backend)
         return out.flatten(2, 3).type_as(q)  # (B, S, heads, head_dim) -> (B, S, D)
 
-    def _cross_attention(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
-        attn = self.attn2
+    def _cross_attention(
+        self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None, suffix: str = ""
+    ) -> torch.Tensor:
+        attn = getattr(self, "attn2" + suffix)
         backend = attn.processor._attention_backend
         q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))
         k = attn.norm_k(attn.to_k(text)).unflatten(2, (attn.heads, -1))
@@ -100,6 +107,34 @@ class OmniTransferBlock(WanTransformerBlock):
         if image_out is not None:
             out = out + image_out
         return attn.to_out[1](attn.to_out[0](out))
+
+    def _qkv(self, hidden_states: torch.Tensor, modulation, rotary_emb, suffix: str = "") -> tuple[torch.Tensor, ...]:
+        """Self-attention queries, keys, values (B, S, heads, head_dim) of tokens (B, S, D); q and k rotated."""
+        shift, scale = modulation[:2]
+        attn = getattr(self, "attn1" + suffix)
+        x = (getattr(self, "norm1" + suffix)(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+        q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))  # (B, S, heads, head_dim)
+        k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(x).unflatten(2, (attn.heads, -1))
+        return apply_rotary(q, *rotary_emb), apply_rotary(k, *rotary_emb), v
+
+    def _after_attention(
+        self, hidden_states: torch.Tensor, attended: torch.Tensor, modulation, text, image, suffix: str = ""
+    ) -> torch.Tensor:
+        """Output projection and gated residual of the self-attention result (B, S, D), cross-attention, FFN."""
+        gate, c_shift, c_scale, c_gate = modulation[2:]
+        attn = getattr(self, "attn1" + suffix)
+        out = attn.to_out[1](attn.to_out[0](attended))
+        hidden_states = (hidden_states.float() + out * gate).type_as(hidden_states)
+
+        # 2. Cross-attention
+        x = getattr(self, "norm2" + suffix)(hidden_states.float()).type_as(hidden_states)
+        hidden_states = hidden_states + self._cross_attention(x, text, image, suffix)
+
+        # 3. Feed-forward
+        x = (getattr(self, "norm3" + suffix)(hidden_states.float()) * (1 + c_scale) + c_shift).type_as(hidden_states)
+        ffn = getattr(self, "ffn" + suffix)
+        return (hidden_states.float() + ffn(x).float() * c_gate).type_as(hidden_states)
 
     def forward(
         self,
@@ -117,15 +152,10 @@ class OmniTransferBlock(WanTransformerBlock):
         own keys/values in self-attention: queries see them, they never see the queries. With
         ``kv_only`` the block stops after computing its keys/values (the reference's last layer).
         """
-        shift, scale, gate, c_shift, c_scale, c_gate = self._modulation(temb)
-        attn = self.attn1
+        modulation = self._modulation(temb)
 
         # 1. Self-attention (one-way towards extra_kv)
-        x = (self.norm1(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
-        q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))  # (B, S, heads, head_dim)
-        k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(x).unflatten(2, (attn.heads, -1))
-        q, k = apply_rotary(q, *rotary_emb), apply_rotary(k, *rotary_emb)
+        q, k, v = self._qkv(hidden_states, modulation, rotary_emb)
         if kv_only:
             return None, (k, v)
         keys, values = k, v
@@ -133,17 +163,8 @@ class OmniTransferBlock(WanTransformerBlock):
             batch = q.shape[0]
             keys = torch.cat([k, _tile_batch(extra_kv[0], batch)], dim=1)  # (B, S + S_ref, heads, head_dim)
             values = torch.cat([v, _tile_batch(extra_kv[1], batch)], dim=1)
-        out = attn.to_out[1](attn.to_out[0](self._attend(q, keys, values, attn.processor._attention_backend)))
-        hidden_states = (hidden_states.float() + out * gate).type_as(hidden_states)
-
-        # 2. Cross-attention
-        x = self.norm2(hidden_states.float()).type_as(hidden_states)
-        hidden_states = hidden_states + self._cross_attention(x, text, image)
-
-        # 3. Feed-forward
-        x = (self.norm3(hidden_states.float()) * (1 + c_scale) + c_shift).type_as(hidden_states)
-        hidden_states = (hidden_states.float() + self.ffn(x).float() * c_gate).type_as(hidden_states)
-        return hidden_states, (k, v)
+        attended = self._attend(q, keys, values, self.attn1.processor._attention_backend)
+        return self._after_attention(hidden_states, attended, modulation, text, image), (k, v)
 
 
 class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
@@ -191,13 +212,19 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         )
         self.blocks = nn.ModuleList(
             [
-                OmniTransferBlock(dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
-                for _ in range(num_layers)
+                self._block_class(i)(
+                    dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim
+                )
+                for i in range(num_layers)
             ]
         )
         self.norm_out = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, (out_channels or in_channels) * math.prod(patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def _block_class(self, index: int) -> type[OmniTransferBlock]:
+        """The class of block ``index`` (subclasses pick theirs; the parameters stay Wan's)."""
+        return OmniTransferBlock
 
     @classmethod
     def from_wan(cls, wan: WanTransformer3DModel) -> OmniTransferTransformer:
@@ -217,8 +244,8 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def _rope(self, grid: Grid, offset: Grid, device) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_tables(self.config.attention_head_dim, grid, offset, device=device)
 
-    def _patchify(self, latents: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embedding(latents)  # (B, D, f, h, w)
+    def _patchify(self, latents: torch.Tensor, embedding: nn.Conv3d | None = None) -> torch.Tensor:
+        x = (self.patch_embedding if embedding is None else embedding)(latents)  # (B, D, f, h, w)
         return x.flatten(2).transpose(1, 2).contiguous()  # (B, f*h*w, D), frame-major
 
     def _unpatchify(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -227,6 +254,38 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         x = x.reshape(x.shape[0], f, h, w, p_t, p_h, p_w, -1)  # (B, f, h, w, pt, ph, pw, C)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
         return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C, F, H, W)
+
+    def _embed(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image):
+        """Target tokens x (B, S, D) and their conditioning: temb (B, D) or (B, S, D), the blocks' modulation
+        input (B, 6, D) or (B, S, 6, D), projected text (B, L, D) and image tokens (B, N, D) or None."""
+        x = self._patchify(hidden_states)
+        per_token = timestep.ndim == 2
+        temb, proj, text, image = self.condition_embedder(
+            timestep.flatten(),
+            encoder_hidden_states,
+            encoder_hidden_states_image,
+            timestep_seq_len=timestep.shape[1] if per_token else None,
+        )
+        proj = proj.unflatten(2 if per_token else 1, (6, -1))  # (B, S, 6, D) or (B, 6, D)
+        return x, temb, proj, text, image
+
+    def _head(self, x: torch.Tensor, temb: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """Output norm modulated by temb, projection and unpatchify: tokens (B, S, D) -> (B, C, F, H, W)."""
+        table = self.scale_shift_table.to(temb.device)
+        if temb.ndim == 3:  # per-token temb (B, S, D)
+            shift, scale = (s.squeeze(2) for s in (table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2))
+        else:  # temb (B, D)
+            shift, scale = (table + temb.unsqueeze(1)).chunk(2, dim=1)
+        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        return self._unpatchify(self.proj_out(x), grid)
+
+    def _reference_stream(self, ref: ReferenceInput, grid: Grid, offset: Grid):
+        """A reference's tokens (B, S_ref, D) at timestep 0, modulation input (B, 6, D), RoPE at ``offset``
+        and caption context (B, L, D)."""
+        x = self._patchify(ref.latents)
+        t0 = torch.zeros(x.shape[0], device=x.device)
+        _, proj, text, _ = self.condition_embedder(t0, ref.context, None)
+        return x, proj.unflatten(1, (6, -1)), self._rope(grid, offset, x.device), text
 
     # ---- reference branch -----------------------------------------------------------------------------
     def encode_references(self, references: Sequence[ReferenceInput], target_grid: Grid) -> ReferenceCache:
@@ -239,11 +298,7 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         offsets = reference_offsets([r.task for r in references], target_grid, grids)
         per_reference: list[list[KV]] = []
         for ref, grid, offset in zip(references, grids, offsets):
-            x = self._patchify(ref.latents)
-            t0 = torch.zeros(x.shape[0], device=x.device)
-            _, proj, text, _ = self.condition_embedder(t0, ref.context, None)
-            proj = proj.unflatten(1, (6, -1))  # (B, 6, D)
-            rope = self._rope(grid, offset, x.device)
+            x, proj, rope, text = self._reference_stream(ref, grid, offset)
             layers: list[KV] = []
             for i, block in enumerate(self.blocks):
                 x, kv = block(x, proj, rope, text, kv_only=i == len(self.blocks) - 1)
@@ -279,26 +334,14 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if reference_cache is not None and reference_cache.target_grid != grid:
             raise ValueError(f"reference cache built for target grid {reference_cache.target_grid}, got {grid}")
 
-        x = self._patchify(hidden_states)
-        per_token = timestep.ndim == 2
-        temb, proj, text, image = self.condition_embedder(
-            timestep.flatten(),
-            encoder_hidden_states,
-            encoder_hidden_states_image,
-            timestep_seq_len=timestep.shape[1] if per_token else None,
+        x, temb, proj, text, image = self._embed(
+            hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image
         )
-        proj = proj.unflatten(2 if per_token else 1, (6, -1))  # (B, S, 6, D) or (B, 6, D)
         rope = self._rope(grid, (0, 0, 0), x.device)
 
         for i, block in enumerate(self.blocks):
             extra = reference_cache.kv[i] if reference_cache is not None and reference_cache.kv else None
             x, _ = block(x, proj, rope, text, image, extra_kv=extra)
 
-        table = self.scale_shift_table.to(temb.device)
-        if per_token:  # temb (B, S, D)
-            shift, scale = (s.squeeze(2) for s in (table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2))
-        else:  # temb (B, D)
-            shift, scale = (table + temb.unsqueeze(1)).chunk(2, dim=1)
-        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
-        out = self._unpatchify(self.proj_out(x), grid)
+        out = self._head(x, temb, grid)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)

@@ -1,0 +1,317 @@
+"""Video-As-Prompt (VAP): a Mixture-of-Transformers expert over the frozen Wan2.1 backbone.
+
+The reference video is the prompt. Selected blocks (every 4th by default: 0, 4, ..., 36 of 40) hold an
+expert copy of their norms, self-attention, cross-attention (with image keys/values), FFN and modulation;
+the expert also has its own patch embedding and condition embedder. Only the expert trains.
+
+- In an expert block, the target's Q/K/V (backbone projections) and every reference's Q/K/V (expert
+  projections) form ONE bidirectional attention (``JointBlock``); each stream then uses its own output
+  projection, cross-attention, FFN and modulation. Blocks without an expert leave the references as they are.
+- Temporally-biased RoPE: reference frames sit at negative times, -F_ref ... -1, the target at 0 ... F-1;
+  height/width positions are the same for both.
+- A reference is a 36-channel input like an I2V target, built on its own first frame
+  (``reference_input``), runs at the constant timestep 1 (nearly clean) and cross-attends to its own
+  caption and the CLIP tokens of its first frame. Only target tokens produce velocity.
+- Unlike the published code (one reference), several references are allowed: each is its own expert
+  stream; in expert blocks all target and reference tokens attend jointly; they are laid out back to
+  back in negative time, the last one ending at -1 (as the published code positions references
+  concatenated along time).
+
+Published checkpoint (``bytedance/Video-As-Prompt``, diffusers ``WanTransformer3DMOTModel``; names read from
+``diffusers/models/transformers/transformer_wan_mot.py``) -> this module. The backbone keys are diffusers'
+``WanTransformer3DModel`` keys, unchanged.
+
+===============================================================  ==========================================
+published key                                                    here
+===============================================================  ==========================================
+``patch_embedding_mot_ref.{weight,bias}``                        ``VAPTransformer.patch_embedding_mot_ref``
+``condition_embedder_mot_ref.time_embedder.linear_{1,2}.*``,     ``VAPTransformer.condition_embedder_mot_ref``
+``.time_proj.*``, ``.text_embedder.linear_{1,2}.*``,             (a ``WanTimeTextImageEmbedding``)
+``.image_embedder.{norm1,ff.net.0.proj,ff.net.2,norm2}.*``
+``blocks.{i}.attn1_mot_ref.{to_q,to_k,to_v,to_out.0}.*``,        ``VAPBlock.attn1_mot_ref`` (``WanAttention``)
+``.norm_q.weight``, ``.norm_k.weight``
+``blocks.{i}.attn2_mot_ref.{to_q,to_k,to_v,to_out.0}.*``,        ``VAPBlock.attn2_mot_ref``
+``.{add_k_proj,add_v_proj}.*``, ``.norm_{q,k,added_k}.weight``
+``blocks.{i}.norm2_mot_ref.{weight,bias}``                       ``VAPBlock.norm2_mot_ref``
+``blocks.{i}.ffn_mot_ref.net.0.proj.*``, ``.net.2.*``            ``VAPBlock.ffn_mot_ref``
+``blocks.{i}.scale_shift_table_mot_ref`` (1, 6, D)               ``VAPBlock.scale_shift_table_mot_ref``
+config ``block_idx_with_mot_ref``                                ``VAPTransformer`` config, same name
+===============================================================  ==========================================
+
+``norm1_mot_ref``/``norm3_mot_ref`` have no parameters, nor does the published ``rope_mot_ref``. The
+published ``reference_train_mode="reference_independent"`` head (``norm_out_mot_ref``, ``proj_out_mot_ref``)
+is not part of the released model and not supported.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Container, Iterable, Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from .conditioning import target_condition, target_input
+from .tasks import Grid
+from .transformer import OmniTransferBlock, OmniTransferTransformer, ReferenceInput, _tile_batch
+
+EXPERT_SUFFIX = "_mot_ref"  # published name suffix of every expert module
+BLOCK_PARTS = ("norm1", "attn1", "norm2", "attn2", "norm3", "ffn", "scale_shift_table")  # copied per expert block
+MODEL_PARTS = ("patch_embedding", "condition_embedder")  # copied once
+REFERENCE_TIMESTEP = 1.0  # VAP's reference timestep, on the 0..1000 scale
+NO_CACHE = "{}: references attend to the target, so they cannot be cached; sample with use_reference_cache=False"
+
+
+@dataclasses.dataclass
+class VAPReference(ReferenceInput):
+    """A VAP reference: 36-channel ``reference_input`` latents, caption context and first-frame CLIP tokens.
+
+    ``task`` is a label only: VAP is task-agnostic (the reference video itself is the prompt).
+    """
+
+    image: torch.Tensor | None = None  # (B, N, image_dim): CLIP tokens of the reference's first frame
+
+
+def reference_input(reference_latent: torch.Tensor, first_frame_latent: torch.Tensor) -> torch.Tensor:
+    """VAP reference input (B, 2z + 4, f, h, w) = [clean latent | first-frame mask | first-frame condition].
+
+    ``first_frame_latent`` is the codec latent of [reference's first frame, zeros...] (B, z, f, h, w): the
+    reference is conditioned on its own first frame exactly as an I2V target.
+    """
+    return target_input(reference_latent, target_condition(first_frame_latent, like=reference_latent))
+
+
+def temporal_offsets(reference_grids: Sequence[Grid]) -> list[Grid]:
+    """RoPE offsets (t, h, w) of the references: back to back at negative times, the last ending at -1."""
+    start = -sum(grid[0] for grid in reference_grids)
+    offsets = []
+    for grid in reference_grids:
+        offsets.append((start, 0, 0))
+        start += grid[0]
+    return offsets
+
+
+def tile_reference(ref: ReferenceInput, batch: int) -> ReferenceInput:
+    """The reference with every tensor repeated to a target batch that stacks copies (guidance branches)."""
+    tensors = {f.name: getattr(ref, f.name) for f in dataclasses.fields(ref)}
+    return dataclasses.replace(
+        ref, **{name: _tile_batch(value, batch) for name, value in tensors.items() if torch.is_tensor(value)}
+    )
+
+
+class Stream(NamedTuple):
+    """One token stream of a joint block (a NamedTuple, so FSDP casts and checkpointing see its tensors)."""
+
+    hidden: torch.Tensor  # (B, S, D) tokens
+    temb: torch.Tensor  # (B, 6, D) or per-token (B, S, 6, D): the blocks' modulation input
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin (1, S, 1, head_dim)
+    text: torch.Tensor  # (B, L, D) projected text context
+    image: torch.Tensor | None = None  # (B, N, D) projected image context
+    expert: bool = False  # run on the block's expert copy (``*_mot_ref``) instead of the backbone modules
+
+
+def joint_step(block: nn.Module, streams: Sequence[Stream], num_outputs: int | None = None) -> list[Stream]:
+    """The first ``num_outputs`` streams (default all) after one ``JointBlock``, through its ``forward``."""
+    hidden = block(streams, num_outputs)
+    return [s._replace(hidden=h) for s, h in zip(streams, hidden)]
+
+
+class JointBlock(OmniTransferBlock):
+    """A Wan block whose self-attention runs jointly over several token streams (full, bidirectional)."""
+
+    def forward(self, streams: Sequence[Stream], num_outputs: int | None = None) -> list[torch.Tensor]:
+        """New hidden states (B, S_i, D) of the first ``num_outputs`` streams (default: all).
+
+        All queries attend to the keys/values of all streams; each stream otherwise keeps its own
+        modulation, RoPE, cross-attention context and modules. Streams past ``num_outputs`` only give
+        keys/values (for a last layer whose outputs for them would go unused).
+        """
+        n = len(streams) if num_outputs is None else num_outputs
+        suffixes = [EXPERT_SUFFIX if s.expert else "" for s in streams]
+        modulations = [self._modulation(s.temb, x) for s, x in zip(streams, suffixes)]
+        qkv = [self._qkv(s.hidden, m, s.rope, x) for s, m, x in zip(streams, modulations, suffixes)]
+        q = torch.cat([q for q, _, _ in qkv[:n]], dim=1)  # (B, S_1 + ... + S_n, heads, head_dim)
+        k = torch.cat([k for _, k, _ in qkv], dim=1)  # (B, S_1 + ... + S_all, heads, head_dim)
+        v = torch.cat([v for _, _, v in qkv], dim=1)
+        attended = self._attend(q, k, v, self.attn1.processor._attention_backend)  # (B, S_1 + ... + S_n, D)
+        parts = attended.split([s.hidden.shape[1] for s in streams[:n]], dim=1)
+        return [
+            self._after_attention(s.hidden, a, m, s.text, s.image, x)
+            for s, a, m, x in zip(streams[:n], parts, modulations, suffixes)
+        ]
+
+
+class VAPBlock(JointBlock):
+    """A Wan block plus its VAP expert: copies of its norms, attentions, FFN and modulation (``*_mot_ref``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for name in BLOCK_PARTS:
+            setattr(self, name + EXPERT_SUFFIX, copy.deepcopy(getattr(self, name)))
+
+
+def expert_key(key: str, expert_blocks: Container[int]) -> str | None:
+    """The expert parameter initialised from backbone parameter ``key`` (published names), or None."""
+    parts = key.split(".")
+    if parts[0] in MODEL_PARTS:
+        at = 0
+    elif parts[0] == "blocks" and int(parts[1]) in expert_blocks and parts[2] in BLOCK_PARTS:
+        at = 2
+    else:
+        return None
+    parts[at] += EXPERT_SUFFIX
+    return ".".join(parts)
+
+
+def expert_from_backbone(state_dict: dict[str, torch.Tensor], expert_blocks: Iterable[int]) -> dict:
+    """Expert weights (published names) initialised as copies of a Wan state dict's backbone weights."""
+    expert_blocks = set(expert_blocks)
+    pairs = ((expert_key(k, expert_blocks), v) for k, v in state_dict.items())
+    return {k: v.detach().clone() for k, v in pairs if k is not None}
+
+
+class VAPTransformer(OmniTransferTransformer):
+    """Wan2.1 DiT (frozen backbone) plus the Video-As-Prompt MoT expert; loads the published checkpoint.
+
+    Configuration: diffusers' ``WanTransformer3DModel`` plus ``block_idx_with_mot_ref``, the expert blocks
+    (published name; None: every 4th block).
+    """
+
+    _no_split_modules = ["OmniTransferBlock", "VAPBlock"]
+    _keep_in_fp32_modules = OmniTransferTransformer._keep_in_fp32_modules + [
+        name + EXPERT_SUFFIX for name in ("scale_shift_table", "norm1", "norm2", "norm3")
+    ]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 36,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = 1280,
+        added_kv_proj_dim: int | None = 5120,
+        rope_max_seq_len: int = 1024,
+        pos_embed_seq_len: int | None = None,
+        block_idx_with_mot_ref: list[int] | None = None,
+    ) -> None:
+        if block_idx_with_mot_ref is not None and not set(block_idx_with_mot_ref) <= set(range(num_layers)):
+            raise ValueError(f"expert blocks {block_idx_with_mot_ref} outside the {num_layers} blocks")
+        super().__init__(
+            patch_size=patch_size,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            text_dim=text_dim,
+            freq_dim=freq_dim,
+            ffn_dim=ffn_dim,
+            num_layers=num_layers,
+            cross_attn_norm=cross_attn_norm,
+            qk_norm=qk_norm,
+            eps=eps,
+            image_dim=image_dim,
+            added_kv_proj_dim=added_kv_proj_dim,
+            rope_max_seq_len=rope_max_seq_len,
+            pos_embed_seq_len=pos_embed_seq_len,
+        )
+        for name in MODEL_PARTS:
+            setattr(self, name + EXPERT_SUFFIX, copy.deepcopy(getattr(self, name)))
+
+    @property
+    def expert_blocks(self) -> tuple[int, ...]:
+        """Indices of the blocks with an expert."""
+        chosen = self.config.block_idx_with_mot_ref
+        return tuple(range(0, self.config.num_layers, 4)) if chosen is None else tuple(sorted(chosen))
+
+    def _block_class(self, index: int) -> type[OmniTransferBlock]:
+        return VAPBlock if index in self.expert_blocks else OmniTransferBlock
+
+    @classmethod
+    def from_wan(cls, wan, expert_blocks: Sequence[int] | None = None) -> VAPTransformer:
+        """VAP over a Wan model's weights (shared, not copied); the expert starts as a copy of them.
+
+        ``wan``: a diffusers ``WanTransformer3DModel`` or any model with its parameters (ours).
+        """
+        blocks = None if expert_blocks is None else sorted(expert_blocks)
+        with torch.device("meta"):
+            model = cls.from_config(wan.config, block_idx_with_mot_ref=blocks)
+        backbone = {k: v for k, v in wan.state_dict().items() if EXPERT_SUFFIX not in k}
+        expert = expert_from_backbone(backbone, model.expert_blocks)
+        model.load_state_dict({**backbone, **expert}, strict=True, assign=True)
+        return model.train(wan.training)
+
+    # ---- training -------------------------------------------------------------------------------------
+    def expert_parameters(self) -> Iterator[nn.Parameter]:
+        """The expert's parameters (the only trained ones)."""
+        return (p for name, p in self.named_parameters() if EXPERT_SUFFIX in name)
+
+    def freeze_backbone(self) -> VAPTransformer:
+        """Train the expert only: gradients for ``*_mot_ref`` parameters, none for the backbone."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(EXPERT_SUFFIX in name)
+        return self
+
+    # ---- forward --------------------------------------------------------------------------------------
+    def encode_references(self, references, target_grid):
+        raise ValueError(NO_CACHE.format("VAP"))
+
+    def _reference_streams(self, references: Sequence[ReferenceInput], batch: int) -> list[Stream]:
+        """Expert streams of the references: own patch/condition embedding, timestep 1, negative times."""
+        references = [tile_reference(r, batch) for r in references]
+        grids = [self.token_grid(r.latents) for r in references]
+        streams = []
+        for ref, grid, offset in zip(references, grids, temporal_offsets(grids)):
+            x = self._patchify(ref.latents, self.patch_embedding_mot_ref)  # (B, S_ref, D)
+            t = torch.full((batch,), REFERENCE_TIMESTEP, device=x.device)
+            image = getattr(ref, "image", None)
+            _, proj, text, image = self.condition_embedder_mot_ref(t, ref.context, image)
+            rope = self._rope(grid, offset, x.device)
+            streams.append(Stream(x, proj.unflatten(1, (6, -1)), rope, text, image, expert=True))
+        return streams
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        references: Sequence[ReferenceInput] | None = None,
+        reference_cache=None,
+        return_dict: bool = True,
+    ):
+        """Velocity for the target tokens; arguments as ``OmniTransferTransformer.forward`` (no cache).
+
+        References are ``VAPReference`` (or any ``ReferenceInput``: without ``image`` the reference's
+        image cross-attention is skipped); their batch may divide the target's.
+        """
+        if reference_cache is not None:
+            raise ValueError(NO_CACHE.format("VAP"))
+        grid = self.token_grid(hidden_states)
+        x, temb, proj, text, image = self._embed(
+            hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image
+        )
+        target = Stream(x, proj, self._rope(grid, (0, 0, 0), x.device), text, image)
+        references = self._reference_streams(references or [], x.shape[0])
+        last_expert = self.expert_blocks[-1] if self.expert_blocks else -1
+
+        for i, block in enumerate(self.blocks):
+            if i in self.expert_blocks:  # joint attention; after the last expert block the references end
+                target, *references = joint_step(block, [target, *references], 1 if i == last_expert else None)
+            else:  # the target alone; the references pass unchanged
+                target = target._replace(hidden=block(target.hidden, proj, target.rope, text, image)[0])
+
+        out = self._head(target.hidden, temb, grid)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
