@@ -67,9 +67,8 @@ def main() -> None:
         for micro, ckpt in [(1, False), (4, False), (4, True)]:
             samples, tokens = throughput(arch, latent, micro, ckpt, args.steps)
             base = base or samples
-            print(
-                f"| {name} | {micro} | {'on' if ckpt else 'off'} | {samples:.1f} | {tokens:.0f} | {samples / base:.2f} |"
-            )
+            mode = "on" if ckpt else "off"
+            print(f"| {name} | {micro} | {mode} | {samples:.1f} | {tokens:.0f} | {samples / base:.2f} |")
 
 
 if __name__ == "__main__":

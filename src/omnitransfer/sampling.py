@@ -86,9 +86,9 @@ def denoise(
     if references and use_reference_cache:
         cache = transformer.encode_references(references, transformer.token_grid(noise))
     per_call = [
-        ReferenceInput(r.latents.expand(batch, -1, -1, -1, -1), r.task, r.context.expand(batch, -1, -1))
+        replace(r, latents=r.latents.expand(batch, -1, -1, -1, -1), context=r.context.expand(batch, -1, -1))
         for r in references
-    ]  # the no-cache path: the same reference for each sample of the guidance batch
+    ]  # the no-cache path: the same reference for each sample of the guidance batch (other fields kept)
 
     def velocity(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         model_in = target_input(latents, condition.expand(batch, -1, -1, -1, -1)).to(dtype)
