@@ -110,6 +110,7 @@ BAD = {
     "not a number": (["--frames", "many"], "invalid int value: 'many'"),
     "unknown option": (["--colour", "red"], "unrecognized arguments: --colour red"),
     "missing model": (["--model", "{root}/no_model"], "no_model: no such model folder"),
+    "unknown method": (["--ref", "camera={root}/ok.mp4", "--method", "magic"], "unknown method 'magic'"),
     "not mp4": (["--ref", "camera={root}/ok.mp4", "--output-ext", ".avi"], "expected a .mp4 path"),
 }
 

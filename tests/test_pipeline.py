@@ -164,3 +164,21 @@ def test_trained_transformer_beside_a_base_model(tmp_path, model_dir, pipe):
     assert not any(p.suffix == ".bin" for p in export.rglob("*"))
     out = loaded(height=32, width=48, num_inference_steps=1, progress=False)
     assert out.shape == (5, 32, 48, 3)
+
+
+@pytest.mark.parametrize("method", ["vap", "full-attention", "full-attention-tpb"])
+def test_every_method_runs_through_the_same_pipeline(model_dir, pipe, method):
+    other = OmniTransferPipeline.from_pretrained(model_dir, method=method)
+    kw = dict(references=[("motion", _clip(1))], image=_clip(3)[0], prompt="a cat", **SIZE, num_inference_steps=2,
+              progress=False, output_type="latent")  # fmt: skip
+    ours = pipe(**kw)
+    theirs = other(**kw)  # the cache is asked for, and skipped: these references attend to the target
+    assert theirs.shape == ours.shape
+    assert (theirs - ours).abs().max() > 1e-4  # another way of using the reference
+    plain = other(**{**kw, "references": []})
+    assert torch.allclose(plain, pipe(**{**kw, "references": []}), atol=1e-5)  # same backbone without reference
+
+
+def test_unknown_method_is_one_clear_error(model_dir):
+    with pytest.raises(InputError, match="unknown method 'magic'"):
+        OmniTransferPipeline.from_pretrained(model_dir, method="magic")

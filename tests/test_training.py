@@ -261,3 +261,17 @@ def test_lora_trains_adapters_only_and_exports_merged_weights(cache, tmp_path):
     args = (x, torch.tensor([500.0]), torch.randn(1, 32, 32), torch.randn(1, 17, 32))
     with torch.no_grad():
         torch.testing.assert_close(merged(*args).sample, lora_model(*args).sample, rtol=1e-4, atol=1e-5)
+
+
+def test_the_same_trainer_trains_the_baselines(cache, tmp_path):
+    from omnitransfer.errors import InputError
+    from omnitransfer.training.config import load_config
+    from omnitransfer.training.trainer import Trainer
+
+    overrides = [f"data={cache}", "stages=[{name: dit, steps: 3, trainable: blocks}]", "log_every=1000"]
+    trainer = Trainer(load_config(TOY, overrides + ["method=full-attention-tpb"]), tmp_path / "tpb")
+    assert type(trainer.model).__name__ == "FullAttentionTPBTransformer"
+    trainer.run()
+    assert len(trainer.history) == 3 and all(np.isfinite(loss) for _, loss in trainer.history)
+    with pytest.raises(InputError, match="method 'vap': training needs"):
+        Trainer(load_config(TOY, overrides + ["method=vap"]), tmp_path / "vap")

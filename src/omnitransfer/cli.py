@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", default="", help="what the target shows")
     gen.add_argument("--negative-prompt", default=None, help="what to avoid (the model's default otherwise)")
     gen.add_argument(
+        "--method",
+        default="omnitransfer",
+        help="omnitransfer, vap, full-attention or full-attention-tpb (VAP needs VAP weights or a trained expert)",
+    )
+    gen.add_argument(
         "--model", type=Path, help="a local Wan2.1 I2V folder (diffusers format); the embedded model otherwise"
     )
     gen.add_argument("--frames", type=int, help="number of frames, 4k+1 (model default otherwise)")
@@ -124,7 +129,8 @@ def _generate(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     _quiet_libraries()
-    pipe = OmniTransferPipeline.from_pretrained(args.model, torch.bfloat16 if args.bf16 else torch.float32, args.device)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    pipe = OmniTransferPipeline.from_pretrained(args.model, dtype, args.device, method=args.method)
     captions = args.ref_prompt + [""] * (len(refs) - len(args.ref_prompt))
     frames = pipe(
         references=[Reference(task, path, prompt) for (task, path), prompt in zip(refs, captions)],

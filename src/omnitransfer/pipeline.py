@@ -13,11 +13,12 @@ from diffusers import AutoencoderKLWan
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 
 from .codecs import WanVAECodec, to_uint8, to_unit_range
-from .conditioning import reference_input, target_condition
+from .conditioning import target_condition
 from .errors import InputError
+from .methods import get_method, load_transformer
 from .sampling import denoise, make_scheduler
 from .tasks import Task
-from .transformer import OmniTransferTransformer, ReferenceInput
+from .transformer import OmniTransferTransformer
 from .video import read_image, read_video, resample_frames, resize_and_crop
 
 EMBEDDED_MODEL = Path(__file__).parent / "embedded"
@@ -97,7 +98,10 @@ class OmniTransferPipeline:
         image_encoder: CLIPVisionModel | None = None,
         image_processor=None,
         settings: Settings = Settings(),
+        method: str = "omnitransfer",
     ):
+        """``method`` names the transfer method ``transformer`` implements (``methods.METHODS``)."""
+        self.method = get_method(method)
         self.transformer = transformer.eval()
         self.codec = WanVAECodec(vae.eval())
         self.text_encoder = text_encoder.eval()
@@ -113,13 +117,16 @@ class OmniTransferPipeline:
         path: str | Path | None = None,
         torch_dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        method: str = "omnitransfer",
     ) -> OmniTransferPipeline:
         """Load a local diffusers-format Wan2.1 I2V folder (or the embedded model when ``path`` is None).
 
         Components: transformer, vae, text_encoder + tokenizer, image_encoder + image_processor
         (optional: a text-to-video model has none). Only safetensors weights are read. The VAE and the
-        image encoder stay in float32 (as Wan recommends); the others take ``torch_dtype``.
+        image encoder stay in float32 (as Wan recommends); the others take ``torch_dtype``. ``method``:
+        omnitransfer, vap, full-attention or full-attention-tpb (``methods.METHODS``).
         """
+        get_method(method)  # an unknown name fails before anything loads
         folder = Path(path) if path is not None else EMBEDDED_MODEL
         if not folder.is_dir():
             raise InputError(f"{folder}: no such model folder (expected a diffusers-format Wan2.1 I2V folder)")
@@ -135,9 +142,7 @@ class OmniTransferPipeline:
             return None
 
         try:
-            transformer = OmniTransferTransformer.from_pretrained(
-                component("transformer"), torch_dtype=torch_dtype, use_safetensors=True
-            )
+            transformer = load_transformer(method, component("transformer"), torch_dtype)
             vae = AutoencoderKLWan.from_pretrained(component("vae"), torch_dtype=torch.float32, use_safetensors=True)
             text_encoder = UMT5EncoderModel.from_pretrained(
                 component("text_encoder"), dtype=torch_dtype, use_safetensors=True
@@ -152,7 +157,8 @@ class OmniTransferPipeline:
             if isinstance(err, InputError):
                 raise
             raise InputError(f"{folder}: cannot load the model ({str(err).splitlines()[0]})") from None
-        return cls(transformer, vae, text_encoder, tokenizer, image_encoder, image_processor, settings).to(device)
+        pipe = cls(transformer, vae, text_encoder, tokenizer, image_encoder, image_processor, settings, method)
+        return pipe.to(device)
 
     def to(self, device: str | torch.device) -> OmniTransferPipeline:
         for module in (self.transformer, self.codec.vae, self.text_encoder, self.image_encoder):
@@ -242,19 +248,21 @@ class OmniTransferPipeline:
     def _reference_inputs(self, references: Sequence[Reference], num_frames: int, height: int, width: int):
         """Decode, encode and flag every reference; their captions are encoded once, together."""
         refs = [_as_reference(r) for r in references]
-        latents = []
-        for ref in refs:
-            n, h, w = ref.num_frames or num_frames, ref.height or height, ref.width or width
-            self._check_size(h, w, n)
-            latents.append(self.encode_frames(self._load_video(ref.video, n, h, w)))
         if not refs:
             return []
-        dtype = self.transformer.dtype
+        model, dtype = self.transformer, self.transformer.dtype
         captions = self.encode_text([r.prompt for r in refs]).to(dtype)
-        return [
-            ReferenceInput(reference_input(z.to(self.device, dtype), ref.task), ref.task, captions[i : i + 1])
-            for i, (ref, z) in enumerate(zip(refs, latents))
-        ]
+        inputs = []
+        for i, ref in enumerate(refs):
+            n, h, w = ref.num_frames or num_frames, ref.height or height, ref.width or width
+            self._check_size(h, w, n)
+            frames = self._load_video(ref.video, n, h, w)
+            first = None
+            if model.reference_needs_first_frame:  # (latent of [first frame, zeros...], CLIP tokens)
+                first = tuple(x.to(self.device, dtype) for x in self.encode_first_frame(frames[0], n, h, w))
+            latent = self.encode_frames(frames).to(self.device, dtype)
+            inputs.append(model.make_reference(latent, ref.task, captions[i : i + 1], first))
+        return inputs
 
     # ---- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -310,7 +318,7 @@ class OmniTransferPipeline:
         solver = make_scheduler(scheduler or s.scheduler, s.flow_shift if flow_shift is None else flow_shift)
         latents = denoise(
             self.transformer, noise, condition, text, image_tokens, refs, solver, steps, guidance,
-            use_reference_cache=use_reference_cache, progress=progress,
+            use_reference_cache=use_reference_cache and self.method.caches_references, progress=progress,
         )  # fmt: skip
         if output_type == "latent":
             return latents

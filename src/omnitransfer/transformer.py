@@ -36,6 +36,7 @@ from diffusers.models.transformers.transformer_wan import (
     WanTransformerBlock,
 )
 
+from .conditioning import reference_input
 from .rope import apply_rotary, rope_tables
 from .tasks import Grid, Task, reference_offsets
 
@@ -225,6 +226,16 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def _block_class(self, index: int) -> type[OmniTransferBlock]:
         """The class of block ``index`` (subclasses pick theirs; the parameters stay Wan's)."""
         return OmniTransferBlock
+
+    reference_needs_first_frame = False  # VAP conditions each reference on its own first frame
+
+    @staticmethod
+    def make_reference(latent: torch.Tensor, task: Task, context: torch.Tensor, first_frame=None) -> ReferenceInput:
+        """This method's reference input from a clean latent (B, z, f, h, w) and its caption features.
+
+        ``first_frame``: (latent of [first frame, zeros...], CLIP tokens), for methods that use it.
+        """
+        return ReferenceInput(reference_input(latent, task), task, context)
 
     @classmethod
     def from_wan(cls, wan: WanTransformer3DModel) -> OmniTransferTransformer:

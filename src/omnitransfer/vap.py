@@ -239,6 +239,14 @@ class VAPTransformer(OmniTransferTransformer):
     def _block_class(self, index: int) -> type[OmniTransferBlock]:
         return VAPBlock if index in self.expert_blocks else OmniTransferBlock
 
+    reference_needs_first_frame = True
+
+    @staticmethod
+    def make_reference(latent, task, context, first_frame=None) -> VAPReference:
+        """A VAP reference: conditioned on its own first frame (latent, CLIP tokens), as an I2V target."""
+        first_latent, tokens = first_frame
+        return VAPReference(reference_input(latent, first_latent), task, context, image=tokens)
+
     @classmethod
     def from_wan(cls, wan, expert_blocks: Sequence[int] | None = None) -> VAPTransformer:
         """VAP over a Wan model's weights (shared, not copied); the expert starts as a copy of them.

@@ -63,6 +63,7 @@ class Parallel:
 class TrainConfig:
     data: str  # a cache folder written by `omnitransfer prepare`
     model: str = "embedded"  # the base Wan2.1 I2V folder (its transformer is the starting point) or "embedded"
+    method: str = "omnitransfer"  # omnitransfer, full-attention, full-attention-tpb (methods.METHODS)
     init_transformer: str | None = None  # optional: another transformer folder to start from
     stages: list[Stage] = field(
         default_factory=lambda: [

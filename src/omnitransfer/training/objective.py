@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..conditioning import reference_input, target_condition, target_input
+from ..conditioning import target_condition, target_input
 from ..tasks import Task
-from ..transformer import ReferenceInput
 from .config import Timesteps
+from .parallelize import unwrap
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -49,6 +49,13 @@ class Batch:
             [move(r) for r in self.references],
             [move(p) for p in self.reference_prompts],
         )
+
+    def reference_inputs(self, model) -> list:
+        """The references as ``model``'s method builds them (flagged latent + caption, for OmniTransfer)."""
+        return [
+            model.make_reference(latent, task, context)
+            for task, latent, context in zip(self.tasks, self.references, self.reference_prompts, strict=True)
+        ]
 
 
 def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
@@ -84,10 +91,7 @@ def flow_matching_loss(
     x_s = (1 - s5) * x0 + s5 * noise
     velocity = noise - x0
     prompt = torch.where(dropped, null_prompt.to(batch.prompt).expand_as(batch.prompt), batch.prompt)
-    references = [
-        ReferenceInput(reference_input(latent, task), task, context)
-        for task, latent, context in zip(batch.tasks, batch.references, batch.reference_prompts, strict=True)
-    ]
+    references = batch.reference_inputs(unwrap(model))
     model_in = target_input(x_s, target_condition(batch.condition, x0))
     pred = model(model_in, s * NUM_TRAIN_TIMESTEPS, prompt, batch.image_tokens, references=references).sample
     return F.mse_loss(pred.float(), velocity.float())

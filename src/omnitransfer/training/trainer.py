@@ -13,11 +13,12 @@ import torch
 import yaml
 
 from ..codecs import to_uint8
-from ..conditioning import reference_input, target_condition
+from ..conditioning import target_condition
 from ..errors import InputError
+from ..methods import load_transformer as load_method_transformer
 from ..pipeline import EMBEDDED_MODEL, OmniTransferPipeline
 from ..sampling import denoise, make_scheduler
-from ..transformer import OmniTransferTransformer, ReferenceInput
+from ..transformer import OmniTransferTransformer
 from ..video import save_video
 from .batches import BatchPlan, collate
 from .cache import LatentCache
@@ -46,7 +47,12 @@ def load_transformer(config: TrainConfig) -> OmniTransferTransformer:
     folder = Path(config.init_transformer) if config.init_transformer else _model_folder(config.model) / "transformer"
     if not folder.is_dir():
         raise InputError(f"{folder}: no transformer folder to start from (config 'model' / 'init_transformer')")
-    model = OmniTransferTransformer.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
+    model = load_method_transformer(config.method, folder, torch.float32)
+    if model.reference_needs_first_frame:
+        raise InputError(
+            f"method {config.method!r}: training needs each reference's first-frame latent and CLIP tokens, "
+            "which `omnitransfer prepare` does not store yet"
+        )
     if config.lora.rank > 0:
         from peft import LoraConfig
 
@@ -275,10 +281,7 @@ class Trainer:
         null = self.cache.null_prompt.to(self.world.device)
         for i in range(min(self.config.validation_samples, len(self.cache))):
             batch = collate([self.cache[i]], [0]).to(self.world.device, torch.float32)
-            references = [
-                ReferenceInput(reference_input(latent, task), task, context)
-                for task, latent, context in zip(batch.tasks, batch.references, batch.reference_prompts, strict=True)
-            ]
+            references = batch.reference_inputs(unwrap(self.model))
             noise = torch.randn(batch.target.shape, generator=torch.Generator().manual_seed(self.config.seed))
             latents = denoise(
                 self.model, noise.to(batch.target), target_condition(batch.condition, batch.target),
