@@ -40,3 +40,26 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def tiny_wan():
     torch.manual_seed(0)
     return randomize_(WanTransformer3DModel(**TINY_WAN)).eval()
+
+
+def transformer_inputs(batch=2, frames=3, height=8, width=12, channels=36, text_len=512, image_len=5, seed=1):
+    """Target inputs of a TINY_WAN transformer. 512 text tokens: diffusers splits image and text tokens there."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(batch, channels, frames, height, width, generator=g),
+        timestep=torch.tensor([700.0, 250.0])[:batch],
+        encoder_hidden_states=torch.randn(batch, text_len, 32, generator=g),
+        encoder_hidden_states_image=torch.randn(batch, image_len, 24, generator=g),
+    )
+
+
+def flagged_reference(task=None, frames=2, height=6, width=8, seed=5, batch=2):
+    """An OmniTransfer reference input (flagged latent + caption features) for a TINY_WAN transformer."""
+    from omnitransfer.conditioning import reference_input
+    from omnitransfer.tasks import Task
+    from omnitransfer.transformer import ReferenceInput
+
+    task = task or Task.CAMERA
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, 16, frames, height, width, generator=g)
+    return ReferenceInput(reference_input(latents, task), task, torch.randn(batch, 7, 32, generator=g))

@@ -1,10 +1,9 @@
 import pytest
 import torch
-from conftest import TINY_WAN, randomize_
+from conftest import TINY_WAN, flagged_reference, randomize_, transformer_inputs
 from diffusers import WanTransformer3DModel
 
 from omnitransfer.baselines import FullAttentionTPBTransformer, FullAttentionTransformer, time_offsets
-from omnitransfer.conditioning import reference_input
 from omnitransfer.errors import InputError
 from omnitransfer.methods import METHODS, get_method
 from omnitransfer.sampling import denoise, make_scheduler
@@ -14,25 +13,9 @@ from omnitransfer.transformer import OmniTransferTransformer, ReferenceInput
 BASELINES = (FullAttentionTransformer, FullAttentionTPBTransformer)
 
 
-def _inputs(batch=2, frames=3, height=8, width=12, channels=36, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        hidden_states=torch.randn(batch, channels, frames, height, width, generator=g),
-        timestep=torch.tensor([700.0, 250.0])[:batch],
-        encoder_hidden_states=torch.randn(batch, 512, 32, generator=g),  # diffusers splits image/text at 512
-        encoder_hidden_states_image=torch.randn(batch, 5, 24, generator=g),
-    )
-
-
-def _reference(task=Task.CAMERA, frames=2, height=6, width=8, seed=5, batch=2):
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(batch, 16, frames, height, width, generator=g)
-    return ReferenceInput(reference_input(latents, task), task, torch.randn(batch, 7, 32, generator=g))
-
-
 @pytest.mark.parametrize("cls", BASELINES)
 def test_without_reference_equals_omnitransfer(tiny_wan, cls):
-    inputs = _inputs()
+    inputs = transformer_inputs()
     with torch.no_grad():
         expected = OmniTransferTransformer.from_wan(tiny_wan)(**inputs).sample
         got = cls.from_wan(tiny_wan)(**inputs).sample
@@ -45,7 +28,7 @@ def test_full_attention_equals_wan_on_time_concatenated_sequence():
     torch.manual_seed(0)
     wan = randomize_(WanTransformer3DModel(**dict(TINY_WAN, in_channels=16, image_dim=None, added_kv_proj_dim=None)))
     model = FullAttentionTransformer.from_wan(wan.eval())
-    inputs = _inputs(channels=16)
+    inputs = transformer_inputs(channels=16)
     inputs.pop("encoder_hidden_states_image")
     ref_latents = torch.randn(2, 16, 2, 8, 12)
     ref = ReferenceInput(ref_latents, Task.ID, inputs["encoder_hidden_states"])
@@ -63,7 +46,7 @@ def test_full_attention_equals_wan_on_time_concatenated_sequence():
 
 def test_positions_concatenated_in_time_or_task_aware():
     target = (3, 4, 6)
-    refs = [_reference(Task.CAMERA), _reference(Task.STYLE, frames=3, height=4, width=4)]
+    refs = [flagged_reference(Task.CAMERA), flagged_reference(Task.STYLE, frames=3, height=4, width=4)]
     assert time_offsets(target, [(1, 3, 4), (3, 2, 2)]) == [(3, 0, 0), (4, 0, 0)]
     plain = FullAttentionTransformer(**TINY_WAN).reference_offsets(refs, target)
     tpb = FullAttentionTPBTransformer(**TINY_WAN).reference_offsets(refs, target)
@@ -75,7 +58,7 @@ def test_positions_concatenated_in_time_or_task_aware():
 def test_reference_sees_target(tiny_wan, cls):
     """The opposite of test_transformer.py::test_reference_branch_is_causal: full attention both ways."""
     model = cls.from_wan(tiny_wan)
-    refs = [_reference(Task.CAMERA), _reference(Task.ID, frames=3, height=4, width=4, seed=6)]
+    refs = [flagged_reference(Task.CAMERA), flagged_reference(Task.ID, frames=3, height=4, width=4, seed=6)]
 
     def reference_states(inputs):
         records = []
@@ -85,20 +68,20 @@ def test_reference_sees_target(tiny_wan, cls):
         handle.remove()
         return out, records[0]
 
-    base_out, base = reference_states(_inputs())
+    base_out, base = reference_states(transformer_inputs())
     assert len(base) == 2
-    out, changed = reference_states(_inputs(seed=9))  # another target latent and prompt
+    out, changed = reference_states(transformer_inputs(seed=9))  # another target latent and prompt
     assert not torch.allclose(out, base_out)
     for before, after in zip(base, changed, strict=True):
         assert (before - after).abs().max() > 1e-4
 
 
 def test_tpb_changes_temporal_references_only(tiny_wan):
-    inputs = _inputs()
+    inputs = transformer_inputs()
     plain, tpb = FullAttentionTransformer.from_wan(tiny_wan), FullAttentionTPBTransformer.from_wan(tiny_wan)
     with torch.no_grad():
         for task, differs in [(Task.STYLE, False), (Task.MOTION, True)]:
-            refs = [_reference(task)]
+            refs = [flagged_reference(task)]
             gap = (plain(**inputs, references=refs).sample - tpb(**inputs, references=refs).sample).abs().max()
             assert (gap > 1e-4) == differs
 
@@ -111,7 +94,7 @@ def test_denoise_drives_every_method(tiny_wan, name):
     noise = torch.randn(1, 16, 2, 4, 4, generator=g)
     condition = torch.randn(1, 20, 2, 4, 4, generator=g)
     text, image = torch.randn(2, 512, 32, generator=g), torch.randn(1, 5, 24, generator=g)
-    refs = [_reference(Task.MOTION, frames=2, height=4, width=4, batch=1)]
+    refs = [flagged_reference(Task.MOTION, frames=2, height=4, width=4, batch=1)]
     kwargs = dict(scheduler=make_scheduler("euler"), num_inference_steps=2, guidance_scale=3.0, progress=False)
     with torch.no_grad():
         out = denoise(model, noise, condition, text, image, refs, use_reference_cache=False, **kwargs)

@@ -1,25 +1,14 @@
 import torch
-from conftest import TINY_WAN, randomize_
+from conftest import TINY_WAN, flagged_reference, randomize_, transformer_inputs
 from diffusers import WanTransformer3DModel
 
-from omnitransfer.conditioning import reference_input
 from omnitransfer.tasks import Task
-from omnitransfer.transformer import OmniTransferTransformer, ReferenceInput
-
-
-def _inputs(batch=2, frames=3, height=8, width=12, text_len=512, image_len=5, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        hidden_states=torch.randn(batch, 36, frames, height, width, generator=g),
-        timestep=torch.tensor([700.0, 250.0])[:batch],
-        encoder_hidden_states=torch.randn(batch, text_len, 32, generator=g),
-        encoder_hidden_states_image=torch.randn(batch, image_len, 24, generator=g),
-    )
+from omnitransfer.transformer import OmniTransferTransformer
 
 
 def test_no_reference_matches_diffusers_wan(tiny_wan):
     ours = OmniTransferTransformer.from_wan(tiny_wan)
-    inputs = _inputs()  # diffusers needs the 512-token text context to split image/text tokens
+    inputs = transformer_inputs()  # diffusers needs the 512-token text context to split image/text tokens
     with torch.no_grad():
         expected = tiny_wan(**inputs).sample
         got = ours(**inputs).sample
@@ -29,7 +18,7 @@ def test_no_reference_matches_diffusers_wan(tiny_wan):
 
 def test_per_token_timestep_matches_diffusers(tiny_wan):
     ours = OmniTransferTransformer.from_wan(tiny_wan)
-    inputs = _inputs()
+    inputs = transformer_inputs()
     seq = 3 * 4 * 6
     inputs["timestep"] = torch.linspace(0, 900, 2 * seq).reshape(2, seq)
     with torch.no_grad():
@@ -43,18 +32,11 @@ def test_text_to_video_config_matches_diffusers():
     torch.manual_seed(0)
     wan = randomize_(WanTransformer3DModel(**cfg)).eval()
     ours = OmniTransferTransformer.from_wan(wan)
-    inputs = _inputs(text_len=9)
+    inputs = transformer_inputs(text_len=9)
     inputs["hidden_states"] = inputs["hidden_states"][:, :16]
     inputs.pop("encoder_hidden_states_image")
     with torch.no_grad():
         assert (ours(**inputs).sample - wan(**inputs).sample).abs().max().item() <= 1e-5
-
-
-def _reference(task=Task.CAMERA, frames=2, height=6, width=8, seed=5, batch=2):
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(batch, 16, frames, height, width, generator=g)
-    context = torch.randn(batch, 7, 32, generator=g)
-    return ReferenceInput(latents=reference_input(latents, task), task=task, context=context)
 
 
 def _reference_states(model, inputs, references):
@@ -78,13 +60,13 @@ def _reference_states(model, inputs, references):
 
 def test_reference_branch_is_causal(tiny_wan):
     model = OmniTransferTransformer.from_wan(tiny_wan)
-    refs = [_reference(Task.CAMERA), _reference(Task.ID, frames=3, height=4, width=4, seed=6)]
-    base_out, base = _reference_states(model, _inputs(), refs)
+    refs = [flagged_reference(Task.CAMERA), flagged_reference(Task.ID, frames=3, height=4, width=4, seed=6)]
+    base_out, base = _reference_states(model, transformer_inputs(), refs)
     assert len(base) == 2 * len(model.blocks)
 
-    changed = [_inputs(seed=9)]  # another target latent and prompt
-    changed.append(dict(_inputs(), timestep=torch.tensor([10.0, 990.0])))  # another step
-    changed.append(dict(_inputs(), encoder_hidden_states=torch.randn(2, 512, 32)))  # another prompt
+    changed = [transformer_inputs(seed=9)]  # another target latent and prompt
+    changed.append(dict(transformer_inputs(), timestep=torch.tensor([10.0, 990.0])))  # another step
+    changed.append(dict(transformer_inputs(), encoder_hidden_states=torch.randn(2, 512, 32)))  # another prompt
     for inputs in changed:
         out, records = _reference_states(model, inputs, refs)
         assert not torch.allclose(out, base_out)
@@ -92,26 +74,26 @@ def test_reference_branch_is_causal(tiny_wan):
             assert torch.equal(x0, x1) and torch.equal(k0, k1) and torch.equal(v0, v1)
 
     # ...while the reference does reach the target output.
-    other_refs = [_reference(Task.CAMERA, seed=11), refs[1]]
-    out, _ = _reference_states(model, _inputs(), other_refs)
+    other_refs = [flagged_reference(Task.CAMERA, seed=11), refs[1]]
+    out, _ = _reference_states(model, transformer_inputs(), other_refs)
     assert (out - base_out).abs().max() > 1e-3
 
 
 def test_reference_sees_no_target_but_target_sees_reference(tiny_wan):
     """Only target tokens come out, and a reference changes them; the output shape is the target's."""
     model = OmniTransferTransformer.from_wan(tiny_wan)
-    inputs = _inputs()
+    inputs = transformer_inputs()
     with torch.no_grad():
         plain = model(**inputs).sample
-        with_ref = model(**inputs, references=[_reference()]).sample
+        with_ref = model(**inputs, references=[flagged_reference()]).sample
     assert with_ref.shape == plain.shape
     assert (with_ref - plain).abs().max() > 1e-3
 
 
 def test_cached_references_equal_recomputed(tiny_wan):
     model = OmniTransferTransformer.from_wan(tiny_wan)
-    refs = [_reference(Task.MOTION), _reference(Task.STYLE, seed=3)]
-    inputs = _inputs()
+    refs = [flagged_reference(Task.MOTION), flagged_reference(Task.STYLE, seed=3)]
+    inputs = transformer_inputs()
     with torch.no_grad():
         cache = model.encode_references(refs, model.token_grid(inputs["hidden_states"]))
         # the cache holds batch 2; a guidance batch of 4 reuses it for both branches

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import TINY_WAN, randomize_
+from conftest import TINY_WAN, randomize_, transformer_inputs
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
@@ -14,16 +14,6 @@ T2V = dict(TINY_WAN, in_channels=16, image_dim=None, added_kv_proj_dim=None)
 def _wan(num_layers=4, seed=0, **overrides):
     torch.manual_seed(seed)
     return randomize_(WanTransformer3DModel(**dict(TINY_WAN, num_layers=num_layers, **overrides)), seed).eval()
-
-
-def _inputs(batch=2, frames=3, height=8, width=12, channels=36, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        hidden_states=torch.randn(batch, channels, frames, height, width, generator=g),
-        timestep=torch.tensor([700.0, 250.0])[:batch],
-        encoder_hidden_states=torch.randn(batch, 512, 32, generator=g),  # diffusers splits image/text at 512
-        encoder_hidden_states_image=torch.randn(batch, 5, 24, generator=g),
-    )
 
 
 def _reference(frames=2, height=6, width=8, seed=5, batch=2):
@@ -54,7 +44,7 @@ def test_expert_copies_reproduce_plain_wan_without_reference(tiny_wan):
     expert = {k: v for k, v in model.state_dict().items() if "_mot_ref" in k}
     assert expert and all(torch.equal(v, backbone[k.replace("_mot_ref", "")]) for k, v in expert.items())
 
-    inputs = _inputs()
+    inputs = transformer_inputs()
     with torch.no_grad():
         expected = tiny_wan(**inputs).sample
         plain = model(**inputs).sample
@@ -70,7 +60,7 @@ def test_joint_attention_equals_wan_on_time_concatenated_sequence():
     torch.manual_seed(0)
     wan = randomize_(WanTransformer3DModel(**dict(T2V, num_layers=3))).eval()
     model = VAPTransformer.from_wan(wan, expert_blocks=range(3))
-    inputs = _inputs(channels=16)
+    inputs = transformer_inputs(channels=16)
     inputs.pop("encoder_hidden_states_image")
     ref_latents = torch.randn(2, 16, 2, 8, 12)
     ref = VAPReference(latents=ref_latents, task=Task.MOTION, context=inputs["encoder_hidden_states"])
@@ -132,7 +122,7 @@ def test_published_checkpoint_loads_strictly(tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "diffusion_pytorch_model.safetensors")
     loaded = VAPTransformer.from_pretrained(tmp_path).eval()
     assert loaded.expert_blocks == (0, 2)
-    inputs, refs = _inputs(), [_reference()]
+    inputs, refs = transformer_inputs(), [_reference()]
     with torch.no_grad():
         assert torch.equal(loaded(**inputs, references=refs).sample, model.eval()(**inputs, references=refs).sample)
 
@@ -155,13 +145,13 @@ def _record_expert_blocks(model, inputs, references):
 def test_reference_sees_target_in_expert_blocks_and_passes_other_blocks_unchanged():
     model = VAPTransformer.from_wan(_wan(num_layers=4), expert_blocks=[0, 2])
     refs = [_reference(), _reference(frames=3, height=4, width=4, seed=6)]
-    base = _record_expert_blocks(model, _inputs(), refs)
+    base = _record_expert_blocks(model, transformer_inputs(), refs)
     (_, out0), (in2, out2) = base[0], base[2]
     assert len(out0) == 3 and len(out2) == 1  # the last expert block computes the target only
     for passed, produced in zip(in2[1:], out0[1:], strict=True):  # block 1 has no expert
         assert torch.equal(passed, produced)
 
-    changed = _record_expert_blocks(model, _inputs(seed=9), refs)  # another target latent and prompt
+    changed = _record_expert_blocks(model, transformer_inputs(seed=9), refs)  # another target latent and prompt
     for before, after in zip(base[0][1][1:], changed[0][1][1:], strict=True):
         assert (before - after).abs().max() > 1e-4  # the opposite of OmniTransfer's causal reference
 
@@ -179,7 +169,7 @@ def test_temporally_biased_rope_and_reference_timestep(monkeypatch):
     block.attn1_mot_ref.norm_k.register_forward_hook(lambda m, a, out: raw_keys.append(out))
     model.condition_embedder_mot_ref.register_forward_pre_hook(lambda m, args: timesteps.append(args[0]))
     with torch.no_grad():
-        model(**_inputs(), references=refs)
+        model(**transformer_inputs(), references=refs)
 
     assert all(torch.equal(t, torch.ones(2)) for t in timesteps) and len(timesteps) == 2
     heads, head_dim = model.config.num_attention_heads, model.config.attention_head_dim
@@ -199,7 +189,7 @@ def test_only_the_expert_receives_gradients():
     assert [p for p in model.parameters() if p.requires_grad] == list(model.expert_parameters())
     assert list(model.expert_parameters()) == list(expert.values())
 
-    model(**_inputs(), references=[_reference()]).sample.square().mean().backward()
+    model(**transformer_inputs(), references=[_reference()]).sample.square().mean().backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert with_grad and with_grad <= set(expert)
     # After the last expert block the reference is unused: there, only its keys/values reach the target.
