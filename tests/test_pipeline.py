@@ -182,3 +182,40 @@ def test_every_method_runs_through_the_same_pipeline(model_dir, pipe, method):
 def test_unknown_method_is_one_clear_error(model_dir):
     with pytest.raises(InputError, match="unknown method 'magic'"):
         OmniTransferPipeline.from_pretrained(model_dir, method="magic")
+
+
+def test_alignment_module_gives_the_target_its_context_once_per_generation(model_dir, tmp_path):
+    """A model folder with alignment/ + an MLLM: the target's context is the MetaQuery tokens, the MLLM runs once
+    per prompt (not per step), and the reference branch keeps its own caption."""
+    import shutil
+
+    from omnitransfer.alignment import AlignmentConfig, TaskAlignment
+    from omnitransfer.tiny import build_tiny_qwen2_5_vl
+
+    folder = tmp_path / "aligned"
+    shutil.copytree(model_dir, folder)
+    build_tiny_qwen2_5_vl(folder / "mllm")
+    config = AlignmentConfig(queries_per_task=4, frames_per_reference=4, video_tokens=16, image_tokens=16)
+    TaskAlignment.from_mllm(folder / "mllm", 32, config).save_pretrained(folder / "alignment")
+    settings = json.loads((folder / "omnitransfer.json").read_text())
+    (folder / "omnitransfer.json").write_text(json.dumps({**settings, "mllm": "mllm"}))
+
+    pipe = OmniTransferPipeline.from_pretrained(folder)
+    contexts, mllm_calls = [], []
+    pipe.alignment.mllm.register_forward_hook(lambda m, a, o: mllm_calls.append(1))
+    original = pipe.transformer.forward
+
+    def spy(hidden_states, timestep, encoder_hidden_states, *args, **kwargs):
+        contexts.append(encoder_hidden_states.shape)
+        return original(hidden_states, timestep, encoder_hidden_states, *args, **kwargs)
+
+    pipe.transformer.forward = spy
+    out = pipe(references=[("camera", _clip()), ("style", _clip(2))], image=_clip()[0], prompt="a red star",
+               **SIZE, num_inference_steps=3, progress=False)  # fmt: skip
+    assert out.shape == (9, 32, 48, 3)
+    assert len(mllm_calls) == 2  # the conditional and the negative request, once for the whole generation
+    assert contexts == [torch.Size([2, 8, 32])] * 3  # 2 tasks x 4 MetaQueries for both guidance branches
+
+    (folder / "omnitransfer.json").write_text(json.dumps(settings))  # alignment/ without its MLLM
+    with pytest.raises(InputError, match="no 'mllm'"):
+        OmniTransferPipeline.from_pretrained(folder)

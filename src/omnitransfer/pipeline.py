@@ -47,6 +47,7 @@ class Settings:
     text_max_length: int = 512
     negative_prompt: str = ""
     base_model: str | None = None
+    mllm: str | None = None  # the Qwen2.5-VL folder of the alignment module (relative to this folder or absolute)
 
     @classmethod
     def load(cls, folder: Path) -> Settings:
@@ -99,9 +100,12 @@ class OmniTransferPipeline:
         image_processor=None,
         settings: Settings = Settings(),
         method: str = "omnitransfer",
+        alignment=None,
     ):
-        """``method`` names the transfer method ``transformer`` implements (``methods.METHODS``)."""
+        """``method`` names the transfer method ``transformer`` implements (``methods.METHODS``);
+        ``alignment`` (a ``TaskAlignment``), when given, replaces UMT5 for the target's context."""
         self.method = get_method(method)
+        self.alignment = alignment.eval() if alignment is not None else None
         self.transformer = transformer.eval()
         self.codec = WanVAECodec(vae.eval())
         self.text_encoder = text_encoder.eval()
@@ -148,6 +152,14 @@ class OmniTransferPipeline:
                 component("text_encoder"), dtype=torch_dtype, use_safetensors=True
             )
             tokenizer = AutoTokenizer.from_pretrained(component("tokenizer"))
+            alignment = None
+            alignment_dir = component("alignment", required=False)
+            if alignment_dir is not None:
+                from .alignment import TaskAlignment
+
+                if settings.mllm is None:
+                    raise InputError(f"{folder}: has alignment/ but no 'mllm' (Qwen2.5-VL folder) in {SETTINGS_FILE}")
+                alignment = TaskAlignment.from_pretrained(alignment_dir, folder / settings.mllm, torch_dtype)
             image_dir = component("image_encoder", required=False)
             image_encoder = image_processor = None
             if image_dir is not None:
@@ -157,11 +169,13 @@ class OmniTransferPipeline:
             if isinstance(err, InputError):
                 raise
             raise InputError(f"{folder}: cannot load the model ({str(err).splitlines()[0]})") from None
-        pipe = cls(transformer, vae, text_encoder, tokenizer, image_encoder, image_processor, settings, method)
+        pipe = cls(
+            transformer, vae, text_encoder, tokenizer, image_encoder, image_processor, settings, method, alignment
+        )
         return pipe.to(device)
 
     def to(self, device: str | torch.device) -> OmniTransferPipeline:
-        for module in (self.transformer, self.codec.vae, self.text_encoder, self.image_encoder):
+        for module in (self.transformer, self.codec.vae, self.text_encoder, self.image_encoder, self.alignment):
             if module is not None:
                 module.to(device)
         return self
@@ -246,13 +260,13 @@ class OmniTransferPipeline:
         return resize_and_crop(array, height, width)
 
     def _reference_inputs(self, references: Sequence[Reference], num_frames: int, height: int, width: int):
-        """Decode, encode and flag every reference; their captions are encoded once, together."""
+        """Decode, encode and flag every reference (their captions encoded together): (inputs, uint8 videos)."""
         refs = [_as_reference(r) for r in references]
         if not refs:
-            return []
+            return [], []
         model, dtype = self.transformer, self.transformer.dtype
         captions = self.encode_text([r.prompt for r in refs]).to(dtype)
-        inputs = []
+        inputs, videos = [], []
         for i, ref in enumerate(refs):
             n, h, w = ref.num_frames or num_frames, ref.height or height, ref.width or width
             self._check_size(h, w, n)
@@ -262,7 +276,20 @@ class OmniTransferPipeline:
                 first = tuple(x.to(self.device, dtype) for x in self.encode_first_frame(frames[0], n, h, w))
             latent = self.encode_frames(frames).to(self.device, dtype)
             inputs.append(model.make_reference(latent, ref.task, captions[i : i + 1], first))
-        return inputs
+            videos.append(frames)
+        return inputs, videos
+
+    def _target_context(self, tasks, videos, first_frame, prompts: list[str]) -> torch.Tensor:
+        """The target's cross-attention context (len(prompts), L, text_dim): UMT5 features of each prompt,
+        or, with the alignment module, its MetaQuery tokens for the request (the MLLM runs once per
+        prompt and generation, then moves to the CPU)."""
+        if self.alignment is None:
+            return self.encode_text(prompts)
+        self.alignment.to(self.device)
+        contexts = [self.alignment.encode(tasks, videos, first_frame, p or None) for p in prompts]
+        if self.device.type != "cpu":
+            self.alignment.offload()
+        return torch.cat(contexts)
 
     # ---- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -304,14 +331,16 @@ class OmniTransferPipeline:
             height // self.codec.spatial_factor,
             width // self.codec.spatial_factor,
         )
-        first_latent = image_tokens = None
+        first = first_latent = image_tokens = None
         if image is not None:
-            first_latent, image_tokens = self.encode_first_frame(image, num_frames, height, width)
+            first = self._load_image(image, height, width)
+            first_latent, image_tokens = self.encode_first_frame(first, num_frames, height, width)
             image_tokens = image_tokens.to(dtype)
         condition = target_condition(first_latent, torch.empty(shape, device=device))
 
-        refs = self._reference_inputs(references, num_frames, height, width)
-        text = self.encode_text([prompt, negative_prompt] if guidance > 1.0 else [prompt]).to(dtype)
+        refs, videos = self._reference_inputs(references, num_frames, height, width)
+        prompts = [prompt, negative_prompt] if guidance > 1.0 else [prompt]
+        text = self._target_context([r.task for r in refs], videos, first, prompts).to(dtype)
 
         generator = torch.Generator("cpu").manual_seed(seed)
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
