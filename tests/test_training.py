@@ -273,5 +273,30 @@ def test_the_same_trainer_trains_the_baselines(cache, tmp_path):
     assert type(trainer.model).__name__ == "FullAttentionTPBTransformer"
     trainer.run()
     assert len(trainer.history) == 3 and all(np.isfinite(loss) for _, loss in trainer.history)
-    with pytest.raises(InputError, match="method 'vap': training needs"):
+    with pytest.raises(InputError, match="prepare the cache with --reference-first-frames"):
         Trainer(load_config(TOY, overrides + ["method=vap"]), tmp_path / "vap")
+
+
+def test_vap_trains_its_expert_only_from_a_cache_with_reference_first_frames(tmp_path):
+    from omnitransfer.pipeline import OmniTransferPipeline
+
+    manifest = write_manifest(tmp_path, count=4)
+    vap_cache = tmp_path / "cache"
+    args = ["prepare", "--manifest", manifest, "--output", vap_cache, "--height", "32", "--width", "32",
+            "--frames", "5", "--reference-first-frames", "--quiet"]  # fmt: skip
+    assert cli_main([str(a) for a in args]) == 0
+    run = tmp_path / "vap"
+    result = train(vap_cache, run, "method=vap", "stages=[{name: dit, steps: 2, trainable: blocks}]",
+                   "optim.lr=1.0e-2")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    exported = weights(run)
+    before = load_file(ROOT / "src/omnitransfer/embedded/transformer/diffusion_pytorch_model.safetensors")
+    for name, value in exported.items():
+        if "_mot_ref" in name:
+            continue
+        assert torch.equal(value, before[name]), name  # the backbone stays frozen
+    # the expert's keys reach the target (in the last expert block its queries do not: nothing follows)
+    assert not torch.equal(exported["blocks.0.attn1_mot_ref.to_k.weight"], before["blocks.0.attn1.to_k.weight"])
+    assert not torch.equal(exported["patch_embedding_mot_ref.weight"], before["patch_embedding.weight"])
+    pipe = OmniTransferPipeline.from_pretrained(run / "model")  # the folder knows its method
+    assert type(pipe.transformer).__name__ == "VAPTransformer"

@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None, help="what to avoid (the model's default otherwise)")
     gen.add_argument(
         "--method",
-        default="omnitransfer",
-        help="omnitransfer, vap, full-attention or full-attention-tpb (VAP needs VAP weights or a trained expert)",
+        help="omnitransfer, vap, full-attention or full-attention-tpb (default: the model folder's, else "
+        "omnitransfer; VAP needs VAP weights or a trained expert)",
     )
     gen.add_argument(
         "--model", type=Path, help="a local Wan2.1 I2V folder (diffusers format); the embedded model otherwise"

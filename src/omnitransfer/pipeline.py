@@ -47,6 +47,7 @@ class Settings:
     text_max_length: int = 512
     negative_prompt: str = ""
     base_model: str | None = None
+    method: str = "omnitransfer"  # the transfer method this folder's transformer was trained for
     mllm: str | None = None  # the Qwen2.5-VL folder of the alignment module (relative to this folder or absolute)
 
     @classmethod
@@ -121,20 +122,23 @@ class OmniTransferPipeline:
         path: str | Path | None = None,
         torch_dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
-        method: str = "omnitransfer",
+        method: str | None = None,
     ) -> OmniTransferPipeline:
         """Load a local diffusers-format Wan2.1 I2V folder (or the embedded model when ``path`` is None).
 
         Components: transformer, vae, text_encoder + tokenizer, image_encoder + image_processor
         (optional: a text-to-video model has none). Only safetensors weights are read. The VAE and the
         image encoder stay in float32 (as Wan recommends); the others take ``torch_dtype``. ``method``:
-        omnitransfer, vap, full-attention or full-attention-tpb (``methods.METHODS``).
+        omnitransfer, vap, full-attention or full-attention-tpb (``methods.METHODS``); by default the
+        folder's own (``omnitransfer.json``), else omnitransfer.
         """
-        get_method(method)  # an unknown name fails before anything loads
+        if method is not None:
+            get_method(method)  # an unknown name fails before anything loads
         folder = Path(path) if path is not None else EMBEDDED_MODEL
         if not folder.is_dir():
             raise InputError(f"{folder}: no such model folder (expected a diffusers-format Wan2.1 I2V folder)")
         settings = Settings.load(folder)
+        method = method or settings.method
         search = [folder] + ([(folder / settings.base_model).resolve()] if settings.base_model else [])
 
         def component(name: str, required: bool = True) -> Path | None:

@@ -69,4 +69,10 @@ def collate(samples, positions: list[int]) -> Batch:
         prompt=stack([s.prompt for s in samples]),
         references=[stack([s.references[j] for s in samples]) for j in range(len(first.references))],
         reference_prompts=[stack([s.reference_prompts[j] for s in samples]) for j in range(len(first.references))],
+        reference_first_frames=None
+        if first.reference_first_frames is None
+        else [
+            tuple(stack([s.reference_first_frames[j][k] for s in samples]) for k in (0, 1))
+            for j in range(len(first.references))
+        ],
     )

@@ -140,6 +140,8 @@ class CachedSample:
     prompt: torch.Tensor  # (text_max_length, text_dim)
     references: list[torch.Tensor]  # each (z, f_r, h_r, w_r)
     reference_prompts: list[torch.Tensor]  # each (text_max_length, text_dim)
+    # each reference's own first-frame conditioning (latent, CLIP tokens), when prepared (VAP trains on it)
+    reference_first_frames: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 _RECORD_FIELDS = ("tasks", "shard", "has_image", "target_shape", "reference_shapes")
@@ -226,6 +228,9 @@ class LatentCache:
             prompt=self._pad(get("prompt")),
             references=[get(f"reference.{j}") for j in refs],
             reference_prompts=[self._pad(get(f"reference_prompt.{j}")) for j in refs],
+            reference_first_frames=[(get(f"reference_condition.{j}"), get(f"reference_image_tokens.{j}")) for j in refs]
+            if self.info.get("reference_first_frames")
+            else None,
         )
 
     def signature(self, i: int) -> tuple:

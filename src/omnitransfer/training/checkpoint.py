@@ -141,14 +141,19 @@ def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.
 
 
 def export_model(
-    folder: Path, state: dict[str, torch.Tensor], architecture: dict, base_model: str, settings: dict
+    folder: Path,
+    state: dict[str, torch.Tensor],
+    architecture: dict,
+    base_model: str,
+    settings: dict,
+    model_class: type[OmniTransferTransformer] = OmniTransferTransformer,
 ) -> Path:
     """Write a model folder that ``OmniTransferPipeline.from_pretrained`` and ``generate --model`` load:
     ``transformer/`` (safetensors) and ``omnitransfer.json`` pointing at the base model for the rest."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     with torch.device("meta"):
-        model = OmniTransferTransformer.from_config(architecture)
+        model = model_class.from_config(architecture)
     model.load_state_dict(state, strict=True, assign=True)
     model.save_pretrained(tmp / "transformer", safe_serialization=True)
     (tmp / SETTINGS_FILE).write_text(json.dumps({**settings, "base_model": base_model}, indent=2))

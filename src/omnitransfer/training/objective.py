@@ -34,6 +34,8 @@ class Batch:
     prompt: torch.Tensor  # (B, L, text_dim)
     references: list[torch.Tensor]  # per task: (B, z, f_r, h_r, w_r)
     reference_prompts: list[torch.Tensor]  # per task: (B, L, text_dim)
+    # per task: (latent (B, z, f_r, h_r, w_r), CLIP tokens (B, N, image_dim)) of the reference's first frame
+    reference_first_frames: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def to(self, device, dtype) -> Batch:
         def move(x):
@@ -48,13 +50,17 @@ class Batch:
             move(self.prompt),
             [move(r) for r in self.references],
             [move(p) for p in self.reference_prompts],
+            None if self.reference_first_frames is None else [tuple(map(move, f)) for f in self.reference_first_frames],
         )
 
     def reference_inputs(self, model) -> list:
         """The references as ``model``'s method builds them (flagged latent + caption, for OmniTransfer)."""
+        firsts = self.reference_first_frames or [None] * len(self.references)
         return [
-            model.make_reference(latent, task, context)
-            for task, latent, context in zip(self.tasks, self.references, self.reference_prompts, strict=True)
+            model.make_reference(latent, task, context, first)
+            for task, latent, context, first in zip(
+                self.tasks, self.references, self.reference_prompts, firsts, strict=True
+            )
         ]
 
 

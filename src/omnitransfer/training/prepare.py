@@ -52,6 +52,11 @@ def add_prepare_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=64, help="records per shard file (default 64)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="storage precision of the tensors")
     p.add_argument("--device", default="cpu", help="torch device of the encoders, e.g. cuda")
+    p.add_argument(
+        "--reference-first-frames",
+        action="store_true",
+        help="also store each reference's first-frame conditioning (latent + CLIP tokens): VAP trains on it",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run_prepare)
     return p
@@ -69,6 +74,7 @@ def run_prepare(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         device=args.device,
         progress=not args.quiet,
+        reference_first_frames=args.reference_first_frames,
     )
     done = f" ({report.shards_skipped} already complete)" if report.shards_skipped else ""
     print(
@@ -89,6 +95,7 @@ def prepare(
     dtype: str = "float32",
     device: str = "cpu",
     progress: bool = True,
+    reference_first_frames: bool = False,
 ) -> PrepareReport:
     """Validate ``manifest`` in full, then encode it into the cache folder ``output`` (resuming it)."""
     start = time.perf_counter()
@@ -122,6 +129,7 @@ def prepare(
         "num_frames": num_frames,
         "shard_size": shard_size,
         "dtype": dtype,
+        "reference_first_frames": reference_first_frames,
     }
     cache.check_fingerprint(output, fingerprint)
     output.mkdir(parents=True, exist_ok=True)
@@ -130,7 +138,7 @@ def prepare(
     if not (output / cache.PREPARE_FILE).is_file():
         cache.write_json(output / cache.PREPARE_FILE, fingerprint)
 
-    encoder = _Encoder(pipe, num_frames, height, width)
+    encoder = _Encoder(pipe, num_frames, height, width, reference_first_frames)
     shards = [range(first, min(first + shard_size, len(records))) for first in range(0, len(records), shard_size)]
     skipped = _write_shards(output, records, shards, encoder, getattr(torch, dtype), progress)
     if not (output / cache.EXTRA_FILE).is_file():
@@ -146,6 +154,7 @@ def prepare(
         "text_dim": pipe.text_encoder.config.d_model,
         "latent_channels": pipe.codec.latent_channels,
         "dtype": dtype,
+        "reference_first_frames": reference_first_frames,
         cache.NULL_PROMPT: cache.EXTRA_FILE,
     }
     cache.write_index(output, header, [_entry(r, cache.shard_name(i // shard_size)) for i, r in enumerate(records)])
@@ -202,12 +211,11 @@ class _Encoder:
     """Encodes records into their cache fields. Each distinct input (video, first frame, prompt) is
     encoded once and kept, on the CPU, until the last record of the run that uses it."""
 
-    def __init__(self, pipe: OmniTransferPipeline, num_frames: int, height: int, width: int):
-        self.pipe, self.size = pipe, (num_frames, height, width)
+    def __init__(self, pipe: OmniTransferPipeline, num_frames: int, height: int, width: int, reference_first: bool):
+        self.pipe, self.size, self.reference_first = pipe, (num_frames, height, width), reference_first
         self._decoded: tuple[Path | None, object] = (None, None)  # the last video's frames (T, H, W, 3)
 
-    @staticmethod
-    def _inputs(record: Record) -> list[tuple[str, tuple]]:
+    def _inputs(self, record: Record) -> list[tuple[str, tuple]]:
         """(field, input key) for each field of a record; fields with equal keys share one encoding."""
         items = [("target", ("video", record.target)), ("prompt", ("text", record.prompt))]
         if record.image is not None:
@@ -216,6 +224,8 @@ class _Encoder:
             items.append(("first_frame", ("first frame of", record.target)))
         for j, (path, caption) in enumerate(zip(record.references, record.reference_prompts)):
             items += [(f"reference.{j}", ("video", path)), (f"reference_prompt.{j}", ("text", caption))]
+            if self.reference_first:
+                items.append((f"reference_first_frame.{j}", ("first frame of", path)))
         return items
 
     def encode(self, records: list[Record]) -> Iterator[dict[str, torch.Tensor]]:
@@ -229,6 +239,9 @@ class _Encoder:
                     values[key] = self._compute(*key)
                 if field == "first_frame":
                     fields["condition"], fields["image_tokens"] = values[key]
+                elif field.startswith("reference_first_frame."):
+                    j = field.rsplit(".", 1)[1]
+                    fields[f"reference_condition.{j}"], fields[f"reference_image_tokens.{j}"] = values[key]
                 else:
                     fields[field] = values[key]
             for key in [k for k in values if last_use[k] == r]:

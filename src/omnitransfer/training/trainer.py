@@ -15,6 +15,7 @@ import yaml
 from ..codecs import to_uint8
 from ..conditioning import target_condition
 from ..errors import InputError
+from ..methods import get_method
 from ..methods import load_transformer as load_method_transformer
 from ..pipeline import EMBEDDED_MODEL, OmniTransferPipeline
 from ..sampling import denoise, make_scheduler
@@ -48,11 +49,6 @@ def load_transformer(config: TrainConfig) -> OmniTransferTransformer:
     if not folder.is_dir():
         raise InputError(f"{folder}: no transformer folder to start from (config 'model' / 'init_transformer')")
     model = load_method_transformer(config.method, folder, torch.float32)
-    if model.reference_needs_first_frame:
-        raise InputError(
-            f"method {config.method!r}: training needs each reference's first-frame latent and CLIP tokens, "
-            "which `omnitransfer prepare` does not store yet"
-        )
     if config.lora.rank > 0:
         from peft import LoraConfig
 
@@ -67,7 +63,13 @@ def architecture(model: OmniTransferTransformer, config: TrainConfig) -> dict:
 
 
 def trainable_names(model: torch.nn.Module, stage: Stage, lora: bool) -> set[str]:
-    """Names of the parameters a stage trains (LoRA factors only, in the DiT blocks, when LoRA is on)."""
+    """Names of the parameters a stage trains (LoRA factors only, in the DiT blocks, when LoRA is on).
+
+    A model with a frozen backbone (VAP) trains its expert only, in every stage that trains the DiT.
+    """
+    if hasattr(model, "expert_parameters"):
+        expert = {id(p) for p in model.expert_parameters()}
+        return {n for n, p in model.named_parameters() if id(p) in expert} if stage.trainable != "connector" else set()
     names = set()
     for name, _ in model.named_parameters():
         clean = clean_name(name)
@@ -136,6 +138,13 @@ class Trainer:
             raise InputError(f"{self.output}: holds checkpoints already: pass --resume, or choose another --output")
         self.resume_from = existing[-1] if resume and existing else None
         self.cache = LatentCache(config.data)  # validates the cache before anything heavy
+        if get_method(config.method).model.reference_needs_first_frame and not self.cache.info.get(
+            "reference_first_frames"
+        ):
+            raise InputError(
+                f"method {config.method!r} conditions each reference on its first frame: "
+                "prepare the cache with --reference-first-frames"
+            )
         self.plan = BatchPlan(
             [self.cache.signature(i) for i in range(len(self.cache))], config.global_batch, config.seed
         )
@@ -269,7 +278,8 @@ class Trainer:
         settings = {"height": info["height"], "width": info["width"], "num_frames": info["num_frames"],
                     "text_max_length": info["text_max_length"]}  # fmt: skip
         base = str(_model_folder(self.config.model).resolve())
-        folder = export_model(self.output / "model", state, arch, base, settings)
+        settings["method"] = self.config.method
+        folder = export_model(self.output / "model", state, arch, base, settings, get_method(self.config.method).model)
         print(f"exported {folder}", flush=True)
         return folder
 
