@@ -118,6 +118,9 @@ def test_killed_run_resumes_bitwise(cache, tmp_path):
     # the resumed part logs exactly the losses of the same steps of the uninterrupted run
     tail = losses(resumed.stdout)
     assert tail == losses(whole.stdout)[-len(tail) :]
+    # resuming a finished run trains nothing and exports the same weights (never the starting ones)
+    assert train(cache, run, *sets, resume=True).returncode == 0
+    assert all(torch.equal(a[k], weights(run)[k]) for k in a)
 
 
 def test_checkpoint_of_another_architecture_stops_before_training(cache, tmp_path):

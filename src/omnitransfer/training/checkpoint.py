@@ -106,22 +106,33 @@ def check_architecture(checkpoint: Path, meta: dict, architecture: dict) -> None
             )
 
 
-def load_checkpoint(checkpoint: Path, model, optimizer, ema) -> dict:
-    """Collective: restore model, EMA and (unless None: a new stage starts) optimizer; returns trainer.json."""
+def _live_names(model) -> dict[str, str]:
+    """Clean parameter names -> the live model's names (wrappers add prefixes)."""
+    return {clean_name(n): n for n, _ in unwrap(model).named_parameters()}
+
+
+def load_model_state(checkpoint: Path, model, ema) -> dict:
+    """Collective: restore the weights and the EMA in place; returns trainer.json."""
     meta = read_meta(checkpoint)
-    live_names = {clean_name(n): n for n, _ in unwrap(model).named_parameters()}
+    live_names = _live_names(model)
     model_state = load_file(checkpoint / "model.safetensors")
     missing = sorted(set(live_names) - set(model_state))
     if missing:
         raise InputError(f"{checkpoint}: no weights for {missing[0]} ({len(missing)} missing): another architecture")
     full = {live_names.get(k, k): v for k, v in model_state.items()}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
-    if optimizer is not None:
-        opt = _unflatten_optimizer(load_file(checkpoint / "optimizer.safetensors"), meta["param_groups"], live_names)
-        set_optimizer_state_dict(model, optimizer, opt, options=StateDictOptions(full_state_dict=True))
     if ema is not None:
         ema.load_full_state(load_file(checkpoint / "ema.safetensors"))
     return meta
+
+
+def load_optimizer_state(checkpoint: Path, model, optimizer) -> None:
+    """Collective: restore the AdamW state of the stage the checkpoint was saved in."""
+    meta = read_meta(checkpoint)
+    state = _unflatten_optimizer(
+        load_file(checkpoint / "optimizer.safetensors"), meta["param_groups"], _live_names(model)
+    )
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:

@@ -28,7 +28,8 @@ from .checkpoint import (
     checkpoints,
     clean_name,
     export_model,
-    load_checkpoint,
+    load_model_state,
+    load_optimizer_state,
     merge_lora,
     read_meta,
     save_checkpoint,
@@ -197,8 +198,8 @@ class Trainer:
             (self.output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         step, stage_index, optimizer = 0, None, None
         meta = None
-        if self.resume_from is not None:
-            meta = read_meta(self.resume_from)
+        if self.resume_from is not None:  # the weights now (even if nothing is left to train), AdamW with its stage
+            meta = load_model_state(self.resume_from, self.model, self.ema)
             step = meta["step"]
         busy, samples_since, tokens_since = 0.0, 0, 0  # throughput counts step time only (not checkpoints)
         while step < self.end:
@@ -213,8 +214,8 @@ class Trainer:
                     continue
                 optimizer = make_optimizer(unwrap(self.model), names, config)
                 if meta is not None:  # resuming: the optimizer state belongs to this stage only if it was saved in it
-                    same_stage = meta["stage"] == stage.name and step > stage_start
-                    load_checkpoint(self.resume_from, self.model, optimizer if same_stage else None, self.ema)
+                    if meta["stage"] == stage.name and step > stage_start:
+                        load_optimizer_state(self.resume_from, self.model, optimizer)
                     meta = None
                 self.logger.log(
                     step,
