@@ -111,6 +111,8 @@ BAD = {
     "unknown option": (["--colour", "red"], "unrecognized arguments: --colour red"),
     "missing model": (["--model", "{root}/no_model"], "no_model: no such model folder"),
     "unknown method": (["--ref", "camera={root}/ok.mp4", "--method", "magic"], "unknown method 'magic'"),
+    "bad device": (["--ref", "camera={root}/ok.mp4", "--device", "toaster"], "--device 'toaster'"),
+    "bad fps": (["--ref", "camera={root}/ok.mp4", "--fps", "-3"], "--fps -3"),
     "not mp4": (["--ref", "camera={root}/ok.mp4", "--output-ext", ".avi"], "expected a .mp4 path"),
 }
 

@@ -122,6 +122,8 @@ def _generate(args: argparse.Namespace) -> None:
         raise InputError(f"--output {args.output}: expected a .mp4 path")
     if args.frames is not None:
         check_num_frames(args.frames, what="--frames")
+    if args.fps is not None and args.fps <= 0:
+        raise InputError(f"--fps {args.fps}: expected a positive frame rate")
 
     import torch  # the heavy imports, once the inputs are known to be usable
 
@@ -129,6 +131,12 @@ def _generate(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     _quiet_libraries()
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise InputError(f"--device {args.device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device}: no CUDA GPU is available here")
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     pipe = OmniTransferPipeline.from_pretrained(args.model, dtype, args.device, method=args.method)
     captions = args.ref_prompt + [""] * (len(refs) - len(args.ref_prompt))

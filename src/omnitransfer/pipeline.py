@@ -59,10 +59,17 @@ class Settings:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise InputError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: expected a JSON object of settings")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(f"{path}: unknown settings {unknown}: expected some of {sorted(known)}")
+        for f in fields(cls):
+            expected = (int, float) if isinstance(f.default, float) else type(f.default or "")
+            value = data.get(f.name)
+            if value is not None and (not isinstance(value, expected) or isinstance(value, bool)):
+                raise InputError(f"{path}: setting {f.name!r} is {value!r}: expected a {expected}")
         return cls(**data)
 
 
@@ -272,7 +279,8 @@ class OmniTransferPipeline:
         captions = self.encode_text([r.prompt for r in refs]).to(dtype)
         inputs, videos = [], []
         for i, ref in enumerate(refs):
-            n, h, w = ref.num_frames or num_frames, ref.height or height, ref.width or width
+            n = num_frames if ref.num_frames is None else ref.num_frames
+            h, w = height if ref.height is None else ref.height, width if ref.width is None else ref.width
             self._check_size(h, w, n)
             frames = self._load_video(ref.video, n, h, w)
             first = None
@@ -317,8 +325,9 @@ class OmniTransferPipeline:
     ):
         """Generate a video. Returns uint8 frames (T, H, W, 3), or normalised latents if output_type="latent"."""
         s = self.settings
-        num_frames, height, width = num_frames or s.num_frames, height or s.height, width or s.width
-        steps = num_inference_steps or s.num_inference_steps
+        num_frames = s.num_frames if num_frames is None else num_frames
+        height, width = s.height if height is None else height, s.width if width is None else width
+        steps = s.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = s.guidance_scale if guidance_scale is None else guidance_scale
         negative_prompt = s.negative_prompt if negative_prompt is None else negative_prompt
         self._check_size(height, width, num_frames)

@@ -23,7 +23,7 @@ def axis_dims(head_dim: int) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=32)
-def _tables(head_dim: int, grid: Grid, offset: Grid, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _tables(head_dim: int, grid: Grid, offset: Grid, theta: float, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     per_axis = []
     for dim, size, start in zip(axis_dims(head_dim), grid, offset):
         positions = torch.arange(start, start + size, dtype=torch.float64)
@@ -44,16 +44,18 @@ def _tables(head_dim: int, grid: Grid, offset: Grid, theta: float) -> tuple[torc
             ],
             dim=-1,
         )  # (f, h, w, head_dim), frame-major like the token order
-        tables.append(full.reshape(1, f * h * w, 1, head_dim).float())
+        tables.append(full.reshape(1, f * h * w, 1, head_dim).float().to(device))
     return tables[0], tables[1]
 
 
 def rope_tables(
     head_dim: int, grid: Grid, offset: Grid = (0, 0, 0), theta: float = 10000.0, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (1, f*h*w, 1, head_dim) for tokens at positions offset + (0..f-1, 0..h-1, 0..w-1)."""
-    cos, sin = _tables(head_dim, tuple(grid), tuple(offset), float(theta))
-    return cos.to(device), sin.to(device)
+    """cos and sin of shape (1, f*h*w, 1, head_dim) for tokens at positions offset + (0..f-1, 0..h-1, 0..w-1).
+
+    Cached per device: a generation builds each table once, not once per step.
+    """
+    return _tables(head_dim, tuple(grid), tuple(offset), float(theta), str(torch.device(device or "cpu")))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from .transformer import OmniTransferTransformer, ReferenceInput
 
 SCHEDULERS = ("unipc", "euler")
 
-# velocity = model(latents (B, z, f, h, w), timestep (scalar tensor), guided batch size) -> (n*B, z, f, h, w)
+# velocity = model(latents (n*B, z, f, h, w), timestep (scalar tensor)) -> (n*B, z, f, h, w); n = 2 with guidance
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

@@ -65,11 +65,16 @@ class ReferenceCache:
 
 
 def _tile_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """Repeat a cached (B_ref, ...) tensor to a target batch that stacks n copies (e.g. both guidance branches)."""
+    """A cached (B_ref, ...) tensor for a target batch that stacks n copies (e.g. both guidance branches).
+
+    A view when B_ref is 1 (no copy: ``torch.cat`` reads it directly), else a repeat.
+    """
     if x.shape[0] == batch:
         return x
     if batch % x.shape[0]:
         raise ValueError(f"target batch {batch} is not a multiple of the reference batch {x.shape[0]}")
+    if x.shape[0] == 1:
+        return x.expand(batch, *x.shape[1:])
     return x.repeat(batch // x.shape[0], *([1] * (x.dim() - 1)))
 
 
@@ -307,19 +312,17 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """
         grids = [self.token_grid(r.latents) for r in references]
         offsets = reference_offsets([r.task for r in references], target_grid, grids)
-        per_reference: list[list[KV]] = []
-        for ref, grid, offset in zip(references, grids, offsets):
-            x, proj, rope, text = self._reference_stream(ref, grid, offset)
-            layers: list[KV] = []
-            for i, block in enumerate(self.blocks):
+        streams = [self._reference_stream(ref, grid, offset) for ref, grid, offset in zip(references, grids, offsets)]
+        cache = ReferenceCache(target_grid=tuple(target_grid))
+        for i, block in enumerate(self.blocks):  # block-major: each layer's keys/values exist once
+            layer = []
+            for j, (x, proj, rope, text) in enumerate(streams):
                 x, kv = block(x, proj, rope, text, kv_only=i == len(self.blocks) - 1)
-                layers.append(kv)
-            per_reference.append(layers)
-        kv = [
-            (torch.cat([r[i][0] for r in per_reference], dim=1), torch.cat([r[i][1] for r in per_reference], dim=1))
-            for i in range(len(self.blocks))
-        ]
-        return ReferenceCache(target_grid=tuple(target_grid), kv=kv)
+                streams[j] = (x, proj, rope, text)
+                layer.append(kv)
+            keys, values = zip(*layer)
+            cache.kv.append((keys[0], values[0]) if len(layer) == 1 else (torch.cat(keys, 1), torch.cat(values, 1)))
+        return cache
 
     # ---- target branch --------------------------------------------------------------------------------
     def forward(

@@ -40,6 +40,16 @@ def clean_name(name: str) -> str:
     return name.replace(WRAPPER_PREFIX, "")
 
 
+def _replace_folder(new: Path, final: Path) -> None:
+    """Put the complete folder ``new`` at ``final``: the old one is moved aside first and deleted last,
+    so a kill at any moment leaves a complete folder at ``final`` or beside it."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints in ``folder``, oldest first."""
     return sorted(p for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit())
@@ -81,9 +91,7 @@ def save_checkpoint(folder: Path, step: int, stage: str, model, optimizer, ema, 
             save_file(ema_state, tmp / "ema.safetensors")
         meta = {"step": step, "stage": stage, "param_groups": groups, "world_size": world.size, **extra}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _replace_folder(tmp, final)
     barrier(world)
     return final
 
@@ -168,7 +176,5 @@ def export_model(
     model.load_state_dict(state, strict=True, assign=True)
     model.save_pretrained(tmp / "transformer", safe_serialization=True)
     (tmp / SETTINGS_FILE).write_text(json.dumps({**settings, "base_model": base_model}, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    _replace_folder(tmp, folder)
     return folder

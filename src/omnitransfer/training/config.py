@@ -139,6 +139,8 @@ def _check(config: TrainConfig, where: str) -> TrainConfig:
             raise InputError(f"{where}.stages[{i}].trainable: {stage.trainable!r} is not one of {TRAINABLE_SETS}")
         if stage.steps < 0:
             raise InputError(f"{where}.stages[{i}].steps: expected >= 0, got {stage.steps}")
+    if config.keep_checkpoints < 1:
+        raise InputError(f"{where}.keep_checkpoints: expected at least 1, got {config.keep_checkpoints}")
     if config.global_batch < 1 or config.micro_batch < 1:
         raise InputError(f"{where}: global_batch and micro_batch must be positive")
     if config.parallel.strategy not in ("auto", "fsdp", "ddp", "none"):

@@ -19,9 +19,14 @@ class EMA:
         torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
 
     def full_state(self) -> dict[str, torch.Tensor]:
-        """Gathered weights by name (collective under FSDP)."""
-        full = (t.full_tensor() if isinstance(t, DTensor) else t for t in self.shadow)
-        return {name: t.detach().cpu().contiguous() for name, t in zip(self.names, full)}
+        """Gathered weights by name on the main process (collective under FSDP; others get {})."""
+        keep = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        state = {}
+        for name, t in zip(self.names, self.shadow):
+            full = t.full_tensor() if isinstance(t, DTensor) else t  # every rank joins the gather
+            if keep:
+                state[name] = full.detach().cpu().contiguous()
+        return state
 
     @torch.no_grad()
     def load_full_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -9,7 +9,7 @@ processes, and a resumed run draws exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -86,8 +86,12 @@ def flow_matching_loss(
     prompt_dropout: float,
     seed: int,
     step: int,
+    input_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Mean squared velocity error over the target tokens (the model outputs nothing else)."""
+    """Mean squared velocity error over the target tokens (the model outputs nothing else).
+
+    ``input_dtype``: cast the model's tensor inputs (not the timesteps) to it, for FSDP's bf16 policy.
+    """
     x0 = batch.target
     draws = [draw(timesteps, x0.shape[1:], sample_generator(seed, step, p), prompt_dropout) for p in batch.positions]
     noise = torch.stack([d[0] for d in draws]).to(x0)  # (B, z, f, h, w)
@@ -99,5 +103,13 @@ def flow_matching_loss(
     prompt = torch.where(dropped, null_prompt.to(batch.prompt).expand_as(batch.prompt), batch.prompt)
     references = batch.reference_inputs(unwrap(model))
     model_in = target_input(x_s, target_condition(batch.condition, x0))
-    pred = model(model_in, s * NUM_TRAIN_TIMESTEPS, prompt, batch.image_tokens, references=references).sample
+    image = batch.image_tokens
+    if input_dtype is not None:
+        model_in, prompt = model_in.to(input_dtype), prompt.to(input_dtype)
+        image = None if image is None else image.to(input_dtype)
+        references = [
+            replace(r, **{f.name: v.to(input_dtype) for f in fields(r) if torch.is_tensor(v := getattr(r, f.name))})
+            for r in references
+        ]
+    pred = model(model_in, s * NUM_TRAIN_TIMESTEPS, prompt, image, references=references).sample
     return F.mse_loss(pred.float(), velocity.float())

@@ -70,8 +70,8 @@ def parallelize(model: torch.nn.Module, parallel: Parallel, world: World) -> tor
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         mesh = init_device_mesh(world.device.type, (world.size,))
         mp = None
-        if parallel.mixed_precision == "bf16":
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if parallel.mixed_precision == "bf16":  # inputs are cast by the objective: timesteps and RoPE stay fp32
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
         kwargs = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
         for block in model.blocks:
             fully_shard(block, **kwargs)
@@ -80,6 +80,9 @@ def parallelize(model: torch.nn.Module, parallel: Parallel, world: World) -> tor
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        # DDP reduces only the parameters that require gradients when it is built; stages choose theirs later
+        for p in model.parameters():
+            p.requires_grad_(True)
         ids = [world.device.index] if world.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
     return model
@@ -90,6 +93,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def input_dtype(parallel: Parallel, world: World) -> torch.dtype | None:
+    """The dtype of the model's tensor inputs under FSDP's bf16 policy (None: as they are, autocast or fp32)."""
+    if parallel.mixed_precision == "bf16" and strategy_for(parallel, world) == "fsdp":
+        return torch.bfloat16
+    return None
+
+
 def autocast(parallel: Parallel, world: World):
     """bf16 autocast for strategies without their own mixed precision (DDP, single process)."""
     if parallel.mixed_precision == "bf16" and strategy_for(parallel, world) != "fsdp":
@@ -98,11 +108,13 @@ def autocast(parallel: Parallel, world: World):
 
 
 def gradient_sync(model: torch.nn.Module, enabled: bool):
-    """Skip gradient synchronisation on all but the last micro-batch of an accumulation."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return contextlib.nullcontext() if enabled else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(enabled)
+    """DDP: skip the all-reduce on all but the last micro-batch of an accumulation.
+
+    FSDP keeps syncing: each micro-batch's gradient is reduce-scattered into the sharded gradient, whereas
+    skipping it would keep a full-size fp32 gradient on every GPU (56 GB at 14B).
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not enabled:
+        return model.no_sync()
     return contextlib.nullcontext()
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 import yaml
+from diffusers import AutoencoderKLWan
 
-from ..codecs import to_uint8
+from ..codecs import WanVAECodec, to_uint8
 from ..conditioning import target_condition
 from ..errors import InputError
-from ..methods import get_method
-from ..methods import load_transformer as load_method_transformer
-from ..pipeline import EMBEDDED_MODEL, OmniTransferPipeline
+from ..methods import get_method, load_transformer
+from ..pipeline import EMBEDDED_MODEL
 from ..sampling import denoise, make_scheduler
 from ..transformer import OmniTransferTransformer
 from ..video import save_video
@@ -37,19 +37,21 @@ from .checkpoint import (
 from .config import Stage, TrainConfig
 from .ema import EMA
 from .objective import flow_matching_loss
-from .parallelize import World, all_mean, autocast, gradient_sync, init_world, parallelize, unwrap
+from .parallelize import World, all_mean, autocast, barrier, gradient_sync, init_world, input_dtype, parallelize, unwrap
+
+VALIDATION_FPS = 8
 
 
 def _model_folder(name: str) -> Path:
     return EMBEDDED_MODEL if name == "embedded" else Path(name)
 
 
-def load_transformer(config: TrainConfig) -> OmniTransferTransformer:
+def starting_transformer(config: TrainConfig) -> OmniTransferTransformer:
     """The starting transformer (fp32 master weights), with LoRA adapters when configured."""
     folder = Path(config.init_transformer) if config.init_transformer else _model_folder(config.model) / "transformer"
     if not folder.is_dir():
         raise InputError(f"{folder}: no transformer folder to start from (config 'model' / 'init_transformer')")
-    model = load_method_transformer(config.method, folder, torch.float32)
+    model = load_transformer(config.method, folder, torch.float32)
     if config.lora.rank > 0:
         from peft import LoraConfig
 
@@ -154,7 +156,7 @@ class Trainer:
             raise InputError(f"global_batch {config.global_batch} is not divisible by {self.world.size} processes")
         self.end = min(config.total_steps, max_steps) if max_steps is not None else config.total_steps
 
-        plain = load_transformer(config)
+        plain = starting_transformer(config)
         self.architecture = architecture(plain, config)
         if self.resume_from is not None:  # before any step: a checkpoint of another architecture stops here
             check_architecture(self.resume_from, read_meta(self.resume_from), self.architecture)
@@ -162,6 +164,7 @@ class Trainer:
         self.ema = EMA(unwrap(self.model), config.ema_decay, clean_name) if config.ema_decay else None
         self.logger = Logger(self.output, self.world)
         self.history: list[tuple[int, float]] = []  # (step, loss) of every step of this run
+        self._codec = None  # the VAE for validation videos, loaded at the first validation
 
     # -- one optimisation step ----------------------------------------------------------------------
     def _step(self, step: int, optimizer) -> dict:
@@ -178,8 +181,9 @@ class Trainer:
             tokens += len(chunk) * sum(math.prod(grid(x)) for x in [batch.target, *batch.references])
             with gradient_sync(self.model, n == len(chunks) - 1), autocast(config.parallel, world):
                 loss = flow_matching_loss(
-                    self.model, batch, null, config.timesteps, config.prompt_dropout, config.seed, step
-                )
+                    self.model, batch, null, config.timesteps, config.prompt_dropout, config.seed, step,
+                    input_dtype(config.parallel, world),
+                )  # fmt: skip
                 (loss * len(chunk) / per_rank).backward()
             total += loss.item() * len(chunk) / per_rank
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -287,21 +291,22 @@ class Trainer:
     @torch.no_grad()
     def validate(self, step: int) -> None:
         """Validation videos of the first cached samples (guidance 5, UniPC). Every process runs the model
-        (FSDP gathers weights inside forward); the main one decodes with the base model's codec."""
-        pipe = OmniTransferPipeline.from_pretrained(_model_folder(self.config.model)) if self.world.is_main else None
+        (FSDP gathers weights inside forward); the main one decodes with the base model's VAE."""
+        if self.world.is_main and self._codec is None:  # loaded once, alone (not the whole pipeline)
+            vae = AutoencoderKLWan.from_pretrained(_model_folder(self.config.model) / "vae", use_safetensors=True)
+            self._codec = WanVAECodec(vae.to(self.world.device).eval())
+        model = unwrap(self.model)  # DDP's wrapper is for training; its module samples as is
         null = self.cache.null_prompt.to(self.world.device)
         for i in range(min(self.config.validation_samples, len(self.cache))):
             batch = collate([self.cache[i]], [0]).to(self.world.device, torch.float32)
-            references = batch.reference_inputs(unwrap(self.model))
             noise = torch.randn(batch.target.shape, generator=torch.Generator().manual_seed(self.config.seed))
             latents = denoise(
-                self.model, noise.to(batch.target), target_condition(batch.condition, batch.target),
-                torch.cat([batch.prompt, null[None]]), batch.image_tokens, references,
+                model, noise.to(batch.target), target_condition(batch.condition, batch.target),
+                torch.cat([batch.prompt, null[None]]), batch.image_tokens, batch.reference_inputs(model),
                 make_scheduler("unipc", 3.0), self.config.validation_steps, 5.0,
                 use_reference_cache=False, progress=False,
             )  # fmt: skip
-            if pipe is not None:
-                frames = to_uint8(pipe.codec.decode(latents))
-                save_video(
-                    frames, self.output / "validation" / f"step-{step:08d}" / f"sample-{i:03d}.mp4", pipe.settings.fps
-                )
+            if self._codec is not None:
+                folder = self.output / "validation" / f"step-{step:08d}"
+                save_video(to_uint8(self._codec.decode(latents)), folder / f"sample-{i:03d}.mp4", VALIDATION_FPS)
+        barrier(self.world)
