@@ -303,3 +303,16 @@ def test_vap_trains_its_expert_only_from_a_cache_with_reference_first_frames(tmp
     assert not torch.equal(exported["patch_embedding_mot_ref.weight"], before["patch_embedding.weight"])
     pipe = OmniTransferPipeline.from_pretrained(run / "model")  # the folder knows its method
     assert type(pipe.transformer).__name__ == "VAPTransformer"
+
+
+def test_fsdp_bf16_with_checkpointing_ema_and_validation(cache, tmp_path):
+    """The 14B recipe's settings on 2 CPU processes: bf16 compute over fp32 weights, activation checkpointing,
+    EMA and validation videos (every rank runs the sampler, rank 0 decodes)."""
+    sets = ("stages=[{name: dit, steps: 2, trainable: blocks}]", "micro_batch=1")
+    fp32 = train(cache, tmp_path / "fp32", *sets)
+    bf16 = train(cache, tmp_path / "bf16", *sets, "parallel.strategy=fsdp", "parallel.mixed_precision=bf16",
+                 "parallel.activation_checkpointing=true", "ema_decay=0.9", "validate_every=2",
+                 "validation_steps=2", procs=2)  # fmt: skip
+    assert bf16.returncode == 0, bf16.stderr[-2000:]
+    np.testing.assert_allclose(losses(bf16.stdout), losses(fp32.stdout), rtol=0.03)  # bf16 rounding only
+    assert len(list((tmp_path / "bf16" / "validation").glob("step-*/sample-*.mp4"))) == 2

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
@@ -72,17 +72,24 @@ def denoise(
     guidance_scale: float,
     use_reference_cache: bool = True,
     progress: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """OmniTransfer sampling of one target: latents (1, z, f, h, w) from noise of that shape.
 
     condition: (1, 4 + z, f, h, w) [mask | first-frame latent]; text: (1, L, D) prompt, or (2, L, D)
     [prompt; negative prompt] with guidance; image_tokens: (1, N, D') or None. With the cache, the
     reference branch runs once for the whole generation; without it, at every call (as under FSDP,
-    where only ``forward`` gathers the weights).
+    where only ``forward`` gathers the weights). ``dtype``: of the model's inputs (default: the
+    transformer's; FSDP's bf16 compute over fp32 master weights needs it said).
     """
-    device, dtype = noise.device, transformer.dtype
+    device, dtype = noise.device, dtype or transformer.dtype
     batch = text.shape[0]
-    image = None if image_tokens is None else image_tokens.expand(batch, -1, -1)
+    text = text.to(dtype)
+    image = None if image_tokens is None else image_tokens.to(dtype).expand(batch, -1, -1)
+    references = [
+        replace(r, **{f.name: v.to(dtype) for f in fields(r) if torch.is_tensor(v := getattr(r, f.name))})
+        for r in references
+    ]
     cache = None
     if references and use_reference_cache:
         cache = transformer.encode_references(references, transformer.token_grid(noise))

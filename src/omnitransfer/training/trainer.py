@@ -304,7 +304,7 @@ class Trainer:
                 model, noise.to(batch.target), target_condition(batch.condition, batch.target),
                 torch.cat([batch.prompt, null[None]]), batch.image_tokens, batch.reference_inputs(model),
                 make_scheduler("unipc", 3.0), self.config.validation_steps, 5.0,
-                use_reference_cache=False, progress=False,
+                use_reference_cache=False, progress=False, dtype=input_dtype(self.config.parallel, self.world),
             )  # fmt: skip
             if self._codec is not None:
                 folder = self.output / "validation" / f"step-{step:08d}"
