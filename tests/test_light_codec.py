@@ -74,7 +74,7 @@ def test_a_few_steps_reduce_the_reconstruction_loss():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss_now().item() < 0.6 * first
+    assert loss_now().item() < 0.8 * first
 
 
 def test_loss_parts():
@@ -175,4 +175,15 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path):
     step(other, other_opt)  # with the restored AdamW moments, the next step is the same
     for pa, pb in zip(vae.parameters(), other.parameters()):
         torch.testing.assert_close(pa, pb)
-    assert np.isfinite([float(p.sum()) for p in other.parameters()]).all()
+    assert np.isfinite([p.detach().sum().item() for p in other.parameters()]).all()
+
+
+def test_clip_sampler_crops_windows_of_the_whole_clip():
+    sampler = ClipSampler(height=32, width=32, frames=5, window=5, condition_prob=0.0)
+    crops = sampler.batch(2, 2, crop=16)
+    assert crops.shape == (2, 3, 5, 16, 16)
+    assert torch.equal(crops, sampler.batch(2, 2, crop=16))
+    with pytest.raises(ValueError):
+        sampler.batch(0, 1, crop=24)  # not a multiple of 16
+    with pytest.raises(ValueError):
+        sampler.batch(0, 1, crop=48)  # larger than the frame

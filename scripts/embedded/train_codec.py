@@ -7,8 +7,9 @@ as an autoencoder on the synthetic world, then export it as a diffusers `vae/` f
     python scripts/embedded/train_codec.py export --run outputs/embedded-codec/run --output outputs/embedded-codec/vae
 
 Training clips come from `make_sample` of all five tasks (references and targets, train split), generated
-on the fly as a pure function of (seed, step): random 9-frame windows of 64x64x17 clips, random flips,
-10% I2V condition clips ([first frame, zeros...]). Loss: L1 + 0.5 x spatial-gradient L1 + 1e-6 x KL, on
+on the fly as a pure function of (seed, step): random 9-frame windows of 64x64x17 clips, random 32x32
+crops (every 4th step whole frames, at a quarter of the batch), random flips, 10% I2V condition clips
+([first frame, zeros...]). Loss: L1 + 0.5 x spatial-gradient L1 + 1e-6 x KL, on
 the posterior mean. AdamW, linear warm-up, constant, then cosine decay to 10% over the last 30% of --steps.
 Every --eval-every steps: PSNR of the round trip (posterior mode, clamped decode) on whole test-split
 clips (held-out kinds included), per task. Checkpoint (weights + AdamW state, one safetensors file,
@@ -108,7 +109,10 @@ def train(args: argparse.Namespace) -> None:
         log.flush()
     while step < args.steps and (time.perf_counter() - start) < args.minutes * 60:
         t0 = time.perf_counter()
-        video = sampler.batch(step, args.batch)
+        if args.crop and (args.full_every <= 0 or step % args.full_every):
+            video = sampler.batch(step, args.batch, crop=args.crop)
+        else:  # whole frames now and then (the mid-block attention sees the native 8x8 latent grid)
+            video = sampler.batch(step, max(1, args.batch * args.crop**2 // 4096) if args.crop else args.batch)
         lr = learning_rate(step, args.lr, args.warmup, args.steps)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -120,7 +124,7 @@ def train(args: argparse.Namespace) -> None:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
         opt.step()
         step += 1
-        window_loss += float(loss)
+        window_loss += loss.item()
         window_n += 1
         window_t += time.perf_counter() - t0
         if step % args.log_every == 0:
@@ -187,6 +191,8 @@ def main(argv=None) -> None:
     t.add_argument("--minutes", type=float, default=60.0, help="stop (with a checkpoint) after this wall time")
     t.add_argument("--batch", type=int, default=4)
     t.add_argument("--window", type=int, default=9, help="frames per training clip (4k+1)")
+    t.add_argument("--crop", type=int, default=32, help="train on random crop x crop windows (0: whole 64x64 frames)")
+    t.add_argument("--full-every", type=int, default=4, help="with --crop: every N-th step uses whole frames")
     t.add_argument("--lr", type=float, default=5e-4)
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--kl", type=float, default=1e-6)

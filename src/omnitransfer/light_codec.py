@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 
 from .tasks import Task
@@ -75,8 +74,8 @@ class ClipSampler:
     """Training clips from the synthetic world; ``batch(step)`` is a pure function of (seed, step).
 
     Each batch element picks a task (round-robin over ``tasks``, shifted by the step), a random sample
-    index of ``split``, its reference or its target, a random window of ``window`` frames (4k+1) and a
-    random horizontal flip. With probability ``condition_prob`` the element is instead the I2V
+    index of ``split``, its reference or its target, a random window of ``window`` frames (4k+1), an
+    optional random spatial crop and a random horizontal flip. With probability ``condition_prob`` the element is instead the I2V
     condition clip of that window: its first frame followed by zeros (mid-grey).
     """
 
@@ -99,23 +98,32 @@ class ClipSampler:
         self.tasks = tuple(Task.parse(t) if isinstance(t, str) else t for t in tasks)
         self.seed, self.condition_prob, self.index_range = seed, condition_prob, index_range
 
-    def clip(self, rng: np.random.Generator, task: Task) -> torch.Tensor:
+    def clip(self, rng: np.random.Generator, task: Task, crop: int | None = None) -> torch.Tensor:
         from .synthetic import make_sample
 
-        sample = make_sample(task, self.split, int(rng.integers(self.index_range)), self.height, self.width, self.frames)
+        sample = make_sample(
+            task, self.split, int(rng.integers(self.index_range)), self.height, self.width, self.frames
+        )
         frames = sample.reference if rng.random() < 0.5 else sample.target
         start = int(rng.integers(self.frames - self.window + 1))
-        video = to_video(frames[start : start + self.window])
+        frames = frames[start : start + self.window]
+        if crop is not None:
+            top, left = int(rng.integers(self.height - crop + 1)), int(rng.integers(self.width - crop + 1))
+            frames = frames[:, top : top + crop, left : left + crop]
+        video = to_video(frames)
         if rng.random() < 0.5:
             video = video.flip(-1)
         if rng.random() < self.condition_prob:
             video[:, 1:] = 0.0
         return video
 
-    def batch(self, step: int, size: int) -> torch.Tensor:
-        """(size, 3, window, H, W) in [-1, 1]."""
+    def batch(self, step: int, size: int, crop: int | None = None) -> torch.Tensor:
+        """(size, 3, window, H, W) in [-1, 1]; with ``crop``, random crop x crop windows (H = W = crop)."""
+        if crop is not None and not (16 <= crop <= min(self.height, self.width) and crop % 16 == 0):
+            raise ValueError(f"crop {crop}: expected a multiple of 16 within the frame")
         rng = np.random.default_rng([self.seed, step])
-        return torch.stack([self.clip(rng, self.tasks[(step * size + i) % len(self.tasks)]) for i in range(size)])
+        tasks = [self.tasks[(step * size + i) % len(self.tasks)] for i in range(size)]
+        return torch.stack([self.clip(rng, task, crop) for task in tasks])
 
 
 def fixed_clips(split: str, per_task: int, height: int = 64, width: int = 64, frames: int = 17) -> torch.Tensor:

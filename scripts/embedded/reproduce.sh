@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Reproduce the embedded model from nothing, in one command (every step resumes after an interruption):
+#
+#   bash scripts/embedded/reproduce.sh            # from the repository root, with .venv installed
+#
+# 1. the light codec: a small AutoencoderKLWan trained on the synthetic world, exported with its
+#    latents_mean / latents_std            -> outputs/embedded-codec/vae
+# 2. the model folder: Wan2.1 I2V classes at the embedded size + that codec -> outputs/embedded-model
+# 3. training data: `omnitransfer synth` (train split, all five tasks), then `omnitransfer prepare`
+#                                          -> outputs/embedded-data, outputs/embedded-cache
+# 4. the DiT: `omnitransfer train --config configs/embedded.yaml` -> outputs/embedded-dit (model/ at the end)
+# 5. a look at it: PNG strips of one test case per task -> outputs/embedded-dit/strips/
+#
+# Knobs (environment): THREADS (default 1: the machine is shared), CODEC_STEPS (1500), CODEC_MINUTES (62),
+# COUNT (training samples per task, 1000), DIT_STEPS (the config's 30000 unless set), DEVICE (cpu; cuda
+# for prepare and train when a GPU is at hand).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+THREADS=${THREADS:-1}
+CODEC_STEPS=${CODEC_STEPS:-1500}
+CODEC_MINUTES=${CODEC_MINUTES:-62}
+COUNT=${COUNT:-1000}
+DEVICE=${DEVICE:-cpu}
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+PY=${PY:-.venv/bin/python}
+OMNI=("$PY" -m omnitransfer.cli)
+OUT=outputs
+
+log() { echo "[$(date +%H:%M:%S)] $*"; }
+
+# 1. codec (resumes from outputs/embedded-codec/run/codec-checkpoint.safetensors)
+if [ ! -f $OUT/embedded-codec/vae/config.json ]; then
+  log "codec: training"
+  "$PY" scripts/embedded/train_codec.py train --output $OUT/embedded-codec/run --steps "$CODEC_STEPS" \
+      --minutes "$CODEC_MINUTES" --lr 6e-4 --threads "$THREADS"
+  log "codec: latent statistics and export"
+  "$PY" scripts/embedded/train_codec.py export --run $OUT/embedded-codec/run --output $OUT/embedded-codec/vae \
+      --threads "$THREADS"
+fi
+
+# 2. model folder
+if [ ! -f $OUT/embedded-model/omnitransfer.json ]; then
+  log "model folder"
+  "$PY" scripts/embedded/build_model.py --codec $OUT/embedded-codec/vae --output $OUT/embedded-model
+fi
+
+# 3. data (synth refuses to write samples a manifest already lists: skip when complete)
+if [ ! -f $OUT/embedded-data/.complete ]; then
+  log "synth: $COUNT samples per task"
+  rm -rf $OUT/embedded-data
+  "${OMNI[@]}" synth --task all --split train --count "$COUNT" --output $OUT/embedded-data --quiet
+  touch $OUT/embedded-data/.complete
+fi
+log "prepare (resumes complete shards)"
+"${OMNI[@]}" prepare --manifest $OUT/embedded-data/manifest.jsonl --model $OUT/embedded-model \
+    --output $OUT/embedded-cache --device "$DEVICE" --quiet
+
+# 4. DiT
+RESUME=()
+if compgen -G "$OUT/embedded-dit/checkpoints/step-*" > /dev/null; then RESUME=(--resume); fi
+SET=()
+if [ -n "${DIT_STEPS:-}" ]; then SET=(--set "stages=[{name: dit, steps: $DIT_STEPS, trainable: all}]"); fi
+log "train"
+"${OMNI[@]}" train --config configs/embedded.yaml --output $OUT/embedded-dit "${RESUME[@]}" "${SET[@]}"
+
+# 5. look at it
+log "strips"
+"$PY" scripts/embedded/sample_strips.py --model $OUT/embedded-model --run $OUT/embedded-dit
+log "done: $OUT/embedded-dit/model"
