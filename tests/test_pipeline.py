@@ -219,3 +219,18 @@ def test_alignment_module_gives_the_target_its_context_once_per_generation(model
     (folder / "omnitransfer.json").write_text(json.dumps(settings))  # alignment/ without its MLLM
     with pytest.raises(InputError, match="no 'mllm'"):
         OmniTransferPipeline.from_pretrained(folder)
+
+
+def test_encoders_only_pipeline_for_prepare(model_dir, monkeypatch):
+    """`prepare` needs the encoders, not the (14B) transformer: it is never built."""
+    import omnitransfer.pipeline as pipeline_module
+
+    def no_transformer(*args, **kwargs):
+        raise AssertionError("the transformer was loaded")
+
+    monkeypatch.setattr(pipeline_module, "load_transformer", no_transformer)
+    encoders = OmniTransferPipeline.from_pretrained(model_dir, with_transformer=False)
+    assert encoders.transformer is None and encoders.patch_size == (1, 2, 2)
+    assert encoders.encode_frames(_clip(frames=9, height=32, width=48)).shape == (1, 16, 3, 4, 6)
+    with pytest.raises(InputError, match="without its transformer"):
+        encoders(**SIZE, num_inference_steps=1, progress=False)

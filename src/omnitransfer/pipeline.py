@@ -100,7 +100,7 @@ class OmniTransferPipeline:
 
     def __init__(
         self,
-        transformer: OmniTransferTransformer,
+        transformer: OmniTransferTransformer | None,
         vae: AutoencoderKLWan,
         text_encoder: UMT5EncoderModel,
         tokenizer,
@@ -109,12 +109,15 @@ class OmniTransferPipeline:
         settings: Settings = Settings(),
         method: str = "omnitransfer",
         alignment=None,
+        patch_size: tuple[int, ...] | None = None,
     ):
         """``method`` names the transfer method ``transformer`` implements (``methods.METHODS``);
-        ``alignment`` (a ``TaskAlignment``), when given, replaces UMT5 for the target's context."""
+        ``alignment`` (a ``TaskAlignment``), when given, replaces UMT5 for the target's context.
+        Without a transformer (``patch_size`` given instead) the pipeline only encodes (``prepare``)."""
         self.method = get_method(method)
         self.alignment = alignment.eval() if alignment is not None else None
-        self.transformer = transformer.eval()
+        self.transformer = transformer.eval() if transformer is not None else None
+        self.patch_size = tuple(transformer.config.patch_size if transformer is not None else patch_size)
         self.codec = WanVAECodec(vae.eval())
         self.text_encoder = text_encoder.eval()
         self.tokenizer = tokenizer
@@ -130,6 +133,7 @@ class OmniTransferPipeline:
         torch_dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         method: str | None = None,
+        with_transformer: bool = True,
     ) -> OmniTransferPipeline:
         """Load a local diffusers-format Wan2.1 I2V folder (or the embedded model when ``path`` is None).
 
@@ -137,7 +141,8 @@ class OmniTransferPipeline:
         (optional: a text-to-video model has none). Only safetensors weights are read. The VAE and the
         image encoder stay in float32 (as Wan recommends); the others take ``torch_dtype``. ``method``:
         omnitransfer, vap, full-attention or full-attention-tpb (``methods.METHODS``); by default the
-        folder's own (``omnitransfer.json``), else omnitransfer.
+        folder's own (``omnitransfer.json``), else omnitransfer. ``with_transformer=False`` loads the
+        encoders only (what ``prepare`` needs: no 14B transformer in memory).
         """
         if method is not None:
             get_method(method)  # an unknown name fails before anything loads
@@ -157,7 +162,9 @@ class OmniTransferPipeline:
             return None
 
         try:
-            transformer = load_transformer(method, component("transformer"), torch_dtype)
+            transformer_dir = component("transformer")
+            patch_size = json.loads((transformer_dir / "config.json").read_text())["patch_size"]
+            transformer = load_transformer(method, transformer_dir, torch_dtype) if with_transformer else None
             vae = AutoencoderKLWan.from_pretrained(component("vae"), torch_dtype=torch.float32, use_safetensors=True)
             text_encoder = UMT5EncoderModel.from_pretrained(
                 component("text_encoder"), dtype=torch_dtype, use_safetensors=True
@@ -176,13 +183,14 @@ class OmniTransferPipeline:
             if image_dir is not None:
                 image_encoder = CLIPVisionModel.from_pretrained(image_dir, dtype=torch.float32, use_safetensors=True)
                 image_processor = AutoImageProcessor.from_pretrained(component("image_processor"))
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, KeyError) as err:
             if isinstance(err, InputError):
                 raise
             raise InputError(f"{folder}: cannot load the model ({str(err).splitlines()[0]})") from None
         pipe = cls(
-            transformer, vae, text_encoder, tokenizer, image_encoder, image_processor, settings, method, alignment
-        )
+            transformer, vae, text_encoder, tokenizer, image_encoder, image_processor, settings, method, alignment,
+            patch_size,
+        )  # fmt: skip
         return pipe.to(device)
 
     def to(self, device: str | torch.device) -> OmniTransferPipeline:
@@ -193,7 +201,7 @@ class OmniTransferPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        return self.text_encoder.device
 
     # ---- encoders -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -246,7 +254,7 @@ class OmniTransferPipeline:
 
     # ---- inputs -------------------------------------------------------------------------------------
     def _check_size(self, height: int, width: int, num_frames: int) -> None:
-        step = self.codec.spatial_factor * max(self.transformer.config.patch_size[1:])
+        step = self.codec.spatial_factor * max(self.patch_size[1:])
         for name, value in (("height", height), ("width", width)):
             if value < step or value % step:
                 raise InputError(f"{name} {value} is not a positive multiple of {step} (codec x patch size)")
@@ -324,6 +332,8 @@ class OmniTransferPipeline:
         output_type: str = "np",
     ):
         """Generate a video. Returns uint8 frames (T, H, W, 3), or normalised latents if output_type="latent"."""
+        if self.transformer is None:
+            raise InputError("this pipeline was loaded without its transformer (with_transformer=False)")
         s = self.settings
         num_frames = s.num_frames if num_frames is None else num_frames
         height, width = s.height if height is None else height, s.width if width is None else width

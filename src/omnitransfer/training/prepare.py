@@ -112,7 +112,7 @@ def prepare(
     from ..pipeline import OmniTransferPipeline
     from . import cache
 
-    pipe = OmniTransferPipeline.from_pretrained(model, device=device)
+    pipe = OmniTransferPipeline.from_pretrained(model, device=device, with_transformer=False)  # encoders only
     s = pipe.settings
     num_frames, height, width = num_frames or s.num_frames, height or s.height, width or s.width
     pipe._check_size(height, width, num_frames)
