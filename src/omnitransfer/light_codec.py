@@ -75,8 +75,8 @@ class ClipSampler:
 
     Each batch element picks a task (round-robin over ``tasks``, shifted by the step), a random sample
     index of ``split``, its reference or its target, a random window of ``window`` frames (4k+1), an
-    optional random spatial crop and a random horizontal flip. With probability ``condition_prob`` the element is instead the I2V
-    condition clip of that window: its first frame followed by zeros (mid-grey).
+    optional random spatial crop and a random horizontal flip. With probability ``condition_prob`` the
+    element is instead the I2V condition clip of that window: its first frame followed by zeros (mid-grey).
     """
 
     def __init__(
