@@ -119,7 +119,8 @@ def run_method(method: str, cfg_name: str, steps: int, device: str, dtype: str) 
                 use_reference_cache=method == "omnitransfer", progress=False)  # fmt: skip
         sync()
         generation = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss_peak
     return {"step": statistics.median(times[1:]), "generation": generation, "peak_bytes": peak}
 
 
@@ -161,7 +162,8 @@ def main() -> None:
     omni = results["omnitransfer"]["step"] / base_step
     floor = flops("omnitransfer", cfg)[0] / base_flops
     print(f"\nOmniTransfer per step: {results['omnitransfer']['step'] / full_step:.2f}x the full-attention baseline; "
-          f"{omni:.2f}x plain Wan against a FLOP floor of {floor:.2f}x ({(omni / floor - 1) * 100:+.0f}%).")  # fmt: skip
+          f"{omni:.2f}x plain Wan against a FLOP floor of {floor:.2f}x "
+          f"({(omni / floor - 1) * 100:+.0f}%).")  # fmt: skip
 
 
 if __name__ == "__main__":
