@@ -105,8 +105,7 @@ def test_resample_frames_in_memory():
 
 @pytest.mark.parametrize("ext, codec", [("webm", "libvpx-vp9"), ("webm", "libvpx"), ("mkv", "mpeg4"), ("avi", "mpeg4")])
 def test_other_containers_and_codecs(tmp_path, ext, codec):
-    if codec not in av.codecs_available:
-        pytest.skip(f"{codec} not available in this PyAV build")
+    assert codec in av.codecs_available  # the PyAV wheels ship these encoders
     path = write_clip(tmp_path / f"clip.{ext}", brightness_clip(8, 48, 64), codec, fps=30)
     frames = read_video(path, num_frames=4, height=24, width=24)
     assert frames.shape == (4, 24, 24, 3)
@@ -189,7 +188,7 @@ def test_save_video_round_trip(tmp_path):
 
 
 def test_save_video_accepts_torch_tensor(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     path = tmp_path / "t.mp4"
     save_video(torch.from_numpy(brightness_clip(4)), path, fps=8)
     assert video_info(path) == (4, 32, 48, 8.0)
