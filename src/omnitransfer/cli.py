@@ -30,14 +30,6 @@ def _reference(text: str) -> tuple[Task, Path]:
     return Task.parse(task), Path(path)
 
 
-def _existing_file(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise InputError(f"{path}: no such file ({what})")
-    if not path.is_file():
-        raise InputError(f"{path}: not a file ({what})")
-    return path
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="omnitransfer", description="Spatio-temporal video transfer on Wan2.1.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -113,9 +105,9 @@ def _generate(args: argparse.Namespace) -> None:
     """Check every input (cheaply) before the model loads, generate, then write the video atomically."""
     refs = [_reference(r) for r in args.ref]
     for _, path in refs:
-        video_info(_existing_file(path, "reference video"))  # opens it and decodes one frame
+        video_info(path)  # opens it and decodes one frame
     if args.image is not None:
-        read_image(_existing_file(args.image, "first frame"))
+        read_image(args.image)
     if len(args.ref_prompt) > len(refs):
         raise InputError(f"{len(args.ref_prompt)} --ref-prompt for {len(refs)} --ref: expected at most one per --ref")
     if args.output.suffix.lower() != ".mp4":
