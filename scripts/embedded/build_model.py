@@ -1,17 +1,18 @@
 """Assemble the embedded model's starting folder: the real Wan2.1 I2V classes at the embedded size
-(`omnitransfer.tiny.build_tiny_wan_i2v`), with the trained light codec as `vae/`.
+(`omnitransfer.tiny.build_tiny_wan_i2v`), with a light `PatchCodec` fitted on the synthetic world as `vae/`.
 
-    python scripts/embedded/build_model.py --codec outputs/embedded-codec/vae --output outputs/embedded-model
+    python scripts/embedded/build_model.py --output outputs/embedded-model
 
 The transformer (random weights, seed 0) is what `omnitransfer train` starts from (`model:` in
 configs/embedded.yaml); the text encoder, tokenizer and CLIP image encoder stay frozen at their seed-0
-weights, and the codec is the one trained by `train_codec.py`. The tokenizer's vocabulary is the tiny
+weights; the codec's principal components are fitted on the references and targets of the first
+`--fit-clips` training samples of every task (seconds). The tokenizer's vocabulary is the tiny
 one plus every word of the synthetic world's prompt grammar (`synthetic.VOCABULARY`), appended so the
 tiny ids are unchanged: without them 27 of the world's 85 words (patterns such as "striped", shapes such
 as "hexagon", colours such as "cyan") would all read as <unk>, and id / style prompts would lose what
 they describe.
 
-Native size: 64x64, 17 frames at 8 fps (the world's default), i.e. latents (16, 5, 8, 8) and, with
+Native size: 64x64, 17 frames at 8 fps (the world's default), i.e. latents (32, 5, 8, 8) and, with
 Wan's (1, 2, 2) patches, 80 tokens per branch.
 """
 
@@ -34,7 +35,7 @@ SIZE = TinySize(
     attention_head_dim=48,
     ffn_dim=768,
     freq_dim=64,
-    z_dim=16,
+    z_dim=32,
     height=64,
     width=64,
     num_frames=17,
@@ -55,15 +56,12 @@ def world_vocabulary() -> tuple[str, ...]:
     return tiny.TINY_VOCAB + tuple(w for w in VOCABULARY if w not in known)
 
 
-def build(codec: Path, output: Path, seed: int = 0) -> Path:
-    from diffusers import AutoencoderKLWan
-
+def build(output: Path, seed: int = 0, fit_clips: int = 40) -> Path:
     from omnitransfer import tiny
+    from omnitransfer.patch_codec import PatchCodec
+    from omnitransfer.synthetic import fixed_clips
 
-    vae_config = json.loads((codec / "config.json").read_text())
-    if vae_config["z_dim"] != SIZE.z_dim:
-        raise SystemExit(f"{codec}: z_dim {vae_config['z_dim']}, but the transformer is built for {SIZE.z_dim}")
-    AutoencoderKLWan.from_pretrained(codec, use_safetensors=True)  # loads (fails early otherwise)
+    codec = PatchCodec.fit(fixed_clips("train", fit_clips, SIZE.height, SIZE.width, SIZE.num_frames), SIZE.z_dim)
 
     original = tiny.TINY_VOCAB
     tiny.TINY_VOCAB = world_vocabulary()  # read by build_tiny_tokenizer and the text encoder's vocab_size
@@ -71,7 +69,7 @@ def build(codec: Path, output: Path, seed: int = 0) -> Path:
         with tempfile.TemporaryDirectory(prefix=".embedded-model-", dir=output.parent) as tmp:
             staging = tiny.build_tiny_wan_i2v(Path(tmp) / "model", seed=seed, size=SIZE)
             shutil.rmtree(staging / "vae")
-            shutil.copytree(codec, staging / "vae")
+            codec.save_pretrained(staging / "vae")
             if output.exists():
                 shutil.rmtree(output)
             shutil.move(str(staging), str(output))
@@ -84,32 +82,32 @@ def check(folder: Path) -> None:
     """Load the folder with the project's pipeline; report sizes and the codec's round trip on test clips."""
     import torch
 
-    from omnitransfer.light_codec import fixed_clips, psnr
     from omnitransfer.pipeline import OmniTransferPipeline
+    from omnitransfer.synthetic import fixed_clips
 
     pipe = OmniTransferPipeline.from_pretrained(folder)
     n_dit = sum(p.numel() for p in pipe.transformer.parameters())
-    n_vae = sum(p.numel() for p in pipe.codec.vae.parameters())
     clips = fixed_clips("test", 1)
     with torch.no_grad():
         latents = torch.cat([pipe.codec.encode(c[None]) for c in clips])
         recon = torch.cat([pipe.codec.decode(z[None]) for z in latents])
+    psnr = 10 * torch.log10(4 / (recon - clips).pow(2).mean())
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     unk = pipe.tokenizer.unk_token_id
     from omnitransfer.synthetic import VOCABULARY
 
     unknown = [w for w in VOCABULARY if unk in pipe.tokenizer(w, add_special_tokens=False).input_ids]
     print(json.dumps({
-        "folder": str(folder), "megabytes": round(size / 2**20, 2), "transformer_params": n_dit, "vae_params": n_vae,
+        "folder": str(folder), "megabytes": round(size / 2**20, 2), "transformer_params": n_dit,
         "latent_shape": list(latents.shape[1:]), "latent_mean": round(float(latents.mean()), 3),
-        "latent_std": round(float(latents.std()), 3), "test_psnr": round(float(psnr(recon, clips).mean()), 2),
+        "latent_std": round(float(latents.std()), 3), "test_psnr": round(float(psnr), 2),
         "world_words_unknown_to_tokenizer": unknown,
     }))  # fmt: skip
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--codec", type=Path, default=Path("outputs/embedded-codec/vae"), help="trained vae/ folder")
+    parser.add_argument("--fit-clips", type=int, default=40, help="training samples per task the codec is fitted on")
     parser.add_argument("--output", type=Path, default=Path("outputs/embedded-model"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -117,7 +115,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(1)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    check(build(args.codec, args.output, args.seed))
+    check(build(args.output, args.seed, args.fit_clips))
 
 
 if __name__ == "__main__":

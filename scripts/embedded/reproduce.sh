@@ -3,24 +3,21 @@
 #
 #   bash scripts/embedded/reproduce.sh            # from the repository root, with .venv installed
 #
-# 1. the light codec: a small AutoencoderKLWan trained on the synthetic world, exported with its
-#    latents_mean / latents_std            -> outputs/embedded-codec/vae
-# 2. the model folder: Wan2.1 I2V classes at the embedded size + that codec -> outputs/embedded-model
-# 3. training data: `omnitransfer synth` (train split, all five tasks), then `omnitransfer prepare`
+# 1. the model folder: Wan2.1 I2V classes at the embedded size + a PatchCodec fitted on the world
+#                                          -> outputs/embedded-model
+# 2. training data: `omnitransfer synth` (train split, all five tasks), then `omnitransfer prepare`
 #                                          -> outputs/embedded-data, outputs/embedded-cache
-# 4. the DiT: `omnitransfer train --config configs/embedded.yaml` -> outputs/embedded-dit (model/ at the end)
-# 5. a look at it: PNG strips of one test case per task -> outputs/embedded-dit/strips/
+# 3. the DiT: `omnitransfer train --config configs/embedded.yaml` -> outputs/embedded-dit (model/ at the end)
+# 4. a look at it: PNG strips of one test case per task -> outputs/embedded-dit/strips/
 #
-# Knobs (environment): THREADS (default 1: the machine is shared), CODEC_STEPS (1500), CODEC_MINUTES (62),
-# COUNT (training samples per task, 1000), DIT_STEPS (the config's 30000 unless set), DEVICE (cpu; cuda
+# Knobs (environment): THREADS (default 1: the machine is shared),
+# COUNT (training samples per task, 600), DIT_STEPS (the config's steps unless set), DEVICE (cpu; cuda
 # for prepare and train when a GPU is at hand).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 THREADS=${THREADS:-1}
-CODEC_STEPS=${CODEC_STEPS:-1500}
-CODEC_MINUTES=${CODEC_MINUTES:-62}
-COUNT=${COUNT:-1000}
+COUNT=${COUNT:-600}
 DEVICE=${DEVICE:-cpu}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 PY=${PY:-.venv/bin/python}
@@ -29,23 +26,13 @@ OUT=outputs
 
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 
-# 1. codec (resumes from outputs/embedded-codec/run/codec-checkpoint.safetensors)
-if [ ! -f $OUT/embedded-codec/vae/config.json ]; then
-  log "codec: training"
-  "$PY" scripts/embedded/train_codec.py train --output $OUT/embedded-codec/run --steps "$CODEC_STEPS" \
-      --minutes "$CODEC_MINUTES" --lr 6e-4 --threads "$THREADS"
-  log "codec: latent statistics and export"
-  "$PY" scripts/embedded/train_codec.py export --run $OUT/embedded-codec/run --output $OUT/embedded-codec/vae \
-      --threads "$THREADS"
-fi
-
-# 2. model folder
+# 1. model folder (the codec is fitted in seconds)
 if [ ! -f $OUT/embedded-model/omnitransfer.json ]; then
   log "model folder"
-  "$PY" scripts/embedded/build_model.py --codec $OUT/embedded-codec/vae --output $OUT/embedded-model
+  "$PY" scripts/embedded/build_model.py --output $OUT/embedded-model
 fi
 
-# 3. data (synth refuses to write samples a manifest already lists: skip when complete)
+# 2. data (synth refuses to write samples a manifest already lists: skip when complete)
 if [ ! -f $OUT/embedded-data/.complete ]; then
   log "synth: $COUNT samples per task"
   rm -rf $OUT/embedded-data
@@ -56,7 +43,7 @@ log "prepare (resumes complete shards)"
 "${OMNI[@]}" prepare --manifest $OUT/embedded-data/manifest.jsonl --model $OUT/embedded-model \
     --output $OUT/embedded-cache --device "$DEVICE" --quiet
 
-# 4. DiT
+# 3. DiT
 RESUME=()
 if compgen -G "$OUT/embedded-dit/checkpoints/step-*" > /dev/null; then RESUME=(--resume); fi
 SET=()
@@ -64,7 +51,7 @@ if [ -n "${DIT_STEPS:-}" ]; then SET=(--set "stages=[{name: dit, steps: $DIT_STE
 log "train"
 "${OMNI[@]}" train --config configs/embedded.yaml --output $OUT/embedded-dit "${RESUME[@]}" "${SET[@]}"
 
-# 5. look at it
+# 4. look at it
 log "strips"
 "$PY" scripts/embedded/sample_strips.py --model $OUT/embedded-model --run $OUT/embedded-dit
 log "done: $OUT/embedded-dit/model"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
@@ -37,6 +39,11 @@ class WanVAECodec:
         self._std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
 
     @property
+    def module(self) -> torch.nn.Module:
+        """The weights to move between devices."""
+        return self.vae
+
+    @property
     def device(self) -> torch.device:
         return self.vae.device
 
@@ -59,3 +66,14 @@ class WanVAECodec:
         vae = self.vae
         latents = latents.float() * self._std.to(latents.device) + self._mean.to(latents.device)
         return vae.decode(latents.to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
+
+
+def load_codec(folder: str | Path):
+    """The codec of a ``vae/`` folder: diffusers' ``AutoencoderKLWan`` (float32, as Wan recommends) or the
+    embedded model's light ``PatchCodec``; both expose the ``WanVAECodec`` interface."""
+    from .patch_codec import PatchCodec, is_patch_codec
+
+    if is_patch_codec(folder):
+        return PatchCodec.from_pretrained(folder)
+    vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
+    return WanVAECodec(vae.eval())

@@ -12,10 +12,11 @@ import torch
 from diffusers import AutoencoderKLWan
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 
-from .codecs import WanVAECodec, to_uint8, to_unit_range
+from .codecs import WanVAECodec, load_codec, to_uint8, to_unit_range
 from .conditioning import target_condition
 from .errors import InputError
 from .methods import get_method, load_transformer
+from .patch_codec import PatchCodec
 from .sampling import denoise, make_scheduler
 from .tasks import Task
 from .transformer import OmniTransferTransformer
@@ -101,7 +102,7 @@ class OmniTransferPipeline:
     def __init__(
         self,
         transformer: OmniTransferTransformer | None,
-        vae: AutoencoderKLWan,
+        vae: AutoencoderKLWan | WanVAECodec | PatchCodec,
         text_encoder: UMT5EncoderModel,
         tokenizer,
         image_encoder: CLIPVisionModel | None = None,
@@ -118,7 +119,7 @@ class OmniTransferPipeline:
         self.alignment = alignment.eval() if alignment is not None else None
         self.transformer = transformer.eval() if transformer is not None else None
         self.patch_size = tuple(transformer.config.patch_size if transformer is not None else patch_size)
-        self.codec = WanVAECodec(vae.eval())
+        self.codec = WanVAECodec(vae.eval()) if isinstance(vae, AutoencoderKLWan) else vae
         self.text_encoder = text_encoder.eval()
         self.tokenizer = tokenizer
         self.image_encoder = image_encoder.eval() if image_encoder is not None else None
@@ -165,7 +166,7 @@ class OmniTransferPipeline:
             transformer_dir = component("transformer")
             patch_size = json.loads((transformer_dir / "config.json").read_text())["patch_size"]
             transformer = load_transformer(method, transformer_dir, torch_dtype) if with_transformer else None
-            vae = AutoencoderKLWan.from_pretrained(component("vae"), torch_dtype=torch.float32, use_safetensors=True)
+            vae = load_codec(component("vae"))
             text_encoder = UMT5EncoderModel.from_pretrained(
                 component("text_encoder"), dtype=torch_dtype, use_safetensors=True
             )
@@ -194,7 +195,7 @@ class OmniTransferPipeline:
         return pipe.to(device)
 
     def to(self, device: str | torch.device) -> OmniTransferPipeline:
-        for module in (self.transformer, self.codec.vae, self.text_encoder, self.image_encoder, self.alignment):
+        for module in (self.transformer, self.codec.module, self.text_encoder, self.image_encoder, self.alignment):
             if module is not None:
                 module.to(device)
         return self

@@ -10,6 +10,6 @@ motion estimation), metrics.
 
 from .prompts import VOCABULARY
 from .sample import Sample
-from .world import HELD_OUT, KINDS, SPLITS, candidates, kinds, make_sample
+from .world import HELD_OUT, KINDS, SPLITS, candidates, fixed_clips, kinds, make_sample
 
-__all__ = ["HELD_OUT", "KINDS", "SPLITS", "VOCABULARY", "Sample", "candidates", "kinds", "make_sample"]
+__all__ = ["HELD_OUT", "KINDS", "SPLITS", "VOCABULARY", "Sample", "candidates", "fixed_clips", "kinds", "make_sample"]

@@ -110,3 +110,17 @@ def candidates(sample: Sample) -> tuple[list[str], np.ndarray, int]:
     else:
         raise ValueError(f"retrieval candidates exist for appearance tasks only, not {sample.task.value}")
     return names, to_uint8(np.stack(videos)), names.index(true)
+
+
+def fixed_clips(split: str, per_task: int, height: int = 64, width: int = 64, frames: int = 17):
+    """Reference and target of samples 0 .. per_task-1 of every task as one float tensor
+    (N, 3, frames, H, W) in [-1, 1] (what the embedded model's codec is fitted and checked on)."""
+    import torch
+
+    clips = []
+    for task in Task:
+        for index in range(per_task):
+            sample = make_sample(task, split, index, height, width, frames)
+            clips += [sample.reference, sample.target]
+    video = torch.from_numpy(np.stack(clips)).float().div(127.5).sub(1.0)  # (N, F, H, W, 3)
+    return video.permute(0, 4, 1, 2, 3).contiguous()

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from diffusers import AutoencoderKLWan
 
-from ..codecs import WanVAECodec, to_uint8
+from ..codecs import load_codec, to_uint8
 from ..conditioning import target_condition
 from ..errors import InputError
 from ..methods import get_method, load_transformer
@@ -293,8 +292,8 @@ class Trainer:
         """Validation videos of the first cached samples (guidance 5, UniPC). Every process runs the model
         (FSDP gathers weights inside forward); the main one decodes with the base model's VAE."""
         if self.world.is_main and self._codec is None:  # loaded once, alone (not the whole pipeline)
-            vae = AutoencoderKLWan.from_pretrained(_model_folder(self.config.model) / "vae", use_safetensors=True)
-            self._codec = WanVAECodec(vae.to(self.world.device).eval())
+            self._codec = load_codec(_model_folder(self.config.model) / "vae")
+            self._codec.module.to(self.world.device)
         model = unwrap(self.model)  # DDP's wrapper is for training; its module samples as is
         null = self.cache.null_prompt.to(self.world.device)
         for i in range(min(self.config.validation_samples, len(self.cache))):

@@ -1,0 +1,142 @@
+"""A light linear latent codec: principal components of pixel patches (the embedded model's ``vae/``).
+
+Wan's VAE codes the first frame on its own and every later group of 4 frames together, at 8x spatial
+compression. ``PatchCodec`` keeps exactly that latent layout -- F frames (4k+1) of H x W become
+(z, 1 + (F-1)/4, H/8, W/8) -- with two linear maps fitted in closed form instead of trained:
+
+- the first frame: each 8x8x3 patch (192 values) -> its first ``z`` principal components;
+- each later group: each 4x8x8x3 block (768 values) -> its first ``z`` principal components.
+
+The components are orthonormal, so the codec is the best linear autoencoder of its size on the clips it
+was fitted on (mean squared error), the latent's squared distances are pixel squared distances within the
+kept subspace, and decoding is the transpose. One global scale makes the latents unit-variance, as Wan's
+per-channel ``latents_mean`` / ``latents_std`` do.
+
+Why not a small trained ``AutoencoderKLWan``: on the synthetic world it collapsed to an input-independent
+decoder at 16 dB (scripts/embedded/README.md), while these components reach 23-25 dB with no training.
+The folder format is ``config.json`` (``_class_name: PatchCodec``) + ``diffusion_pytorch_model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .video import check_num_frames
+
+CLASS_NAME = "PatchCodec"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+class PatchCodec(nn.Module):
+    """Orthonormal patch projections for the first frame (``intra_*``) and for 4-frame groups (``group_*``)."""
+
+    def __init__(self, latent_channels: int = 32, temporal_factor: int = 4, spatial_factor: int = 8):
+        super().__init__()
+        self.latent_channels = latent_channels
+        self.temporal_factor, self.spatial_factor = temporal_factor, spatial_factor
+        s, t, z = spatial_factor, temporal_factor, latent_channels
+        self.register_buffer("intra_mean", torch.zeros(3 * s * s))
+        self.register_buffer("intra_basis", torch.eye(3 * s * s)[:, :z].clone())  # (3*s*s, z)
+        self.register_buffer("group_mean", torch.zeros(3 * t * s * s))
+        self.register_buffer("group_basis", torch.eye(3 * t * s * s)[:, :z].clone())  # (3*t*s*s, z)
+        self.register_buffer("scale", torch.ones(()))
+
+    # ---- the WanVAECodec interface --------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.scale.device
+
+    def check_num_frames(self, num_frames: int, what: str = "frame count") -> None:
+        check_num_frames(num_frames, self.temporal_factor, what)
+
+    def latent_frames(self, num_frames: int) -> int:
+        return (num_frames - 1) // self.temporal_factor + 1
+
+    def _blocks(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, F, H, W) -> first-frame patches (B, h, w, 3*s*s) and group blocks (B, g, h, w, 3*t*s*s)."""
+        b, c, f, height, width = video.shape
+        s, t = self.spatial_factor, self.temporal_factor
+        h, w, g = height // s, width // s, (f - 1) // t
+        first = video[:, :, 0].reshape(b, c, h, s, w, s).permute(0, 2, 4, 1, 3, 5).reshape(b, h, w, c * s * s)
+        rest = video[:, :, 1:].reshape(b, c, g, t, h, s, w, s)
+        rest = rest.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, g, h, w, c * t * s * s)
+        return first, rest
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, F, H, W) in [-1, 1] -> normalised latents (B, z, 1 + (F-1)/t, H/s, W/s), float32."""
+        self.check_num_frames(video.shape[2])
+        first, rest = self._blocks(video.to(self.device, torch.float32))
+        z0 = (first - self.intra_mean) @ self.intra_basis  # (B, h, w, z)
+        zs = (rest - self.group_mean) @ self.group_basis  # (B, g, h, w, z)
+        latents = torch.cat([z0.unsqueeze(1), zs], 1)  # (B, f, h, w, z)
+        return latents.permute(0, 4, 1, 2, 3).contiguous() / self.scale
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, z, f, h, w) -> (B, 3, 1 + (f-1)*t, h*s, w*s) in [-1, 1], float32."""
+        latents = latents.to(self.device, torch.float32).permute(0, 2, 3, 4, 1) * self.scale  # (B, f, h, w, z)
+        b, f, h, w, _ = latents.shape
+        s, t = self.spatial_factor, self.temporal_factor
+        first = latents[:, 0] @ self.intra_basis.T + self.intra_mean  # (B, h, w, 3*s*s)
+        first = first.reshape(b, h, w, 3, 1, s, s).permute(0, 3, 4, 1, 5, 2, 6).reshape(b, 3, 1, h * s, w * s)
+        rest = latents[:, 1:] @ self.group_basis.T + self.group_mean  # (B, g, h, w, 3*t*s*s)
+        rest = rest.reshape(b, f - 1, h, w, 3, t, s, s).permute(0, 4, 1, 5, 2, 6, 3, 7)
+        rest = rest.reshape(b, 3, (f - 1) * t, h * s, w * s)
+        return torch.cat([first, rest], 2).clamp(-1, 1)
+
+    # ---- fitting ---------------------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, clips: torch.Tensor, latent_channels: int = 32, temporal_factor: int = 4, spatial_factor: int = 8):
+        """Principal components of the patches of ``clips`` (N, 3, F, H, W) in [-1, 1] (computed in float64)."""
+        codec = cls(latent_channels, temporal_factor, spatial_factor)
+        first, rest = codec._blocks(clips.float())
+        for name, blocks in (("intra", first), ("group", rest)):
+            x = blocks.reshape(-1, blocks.shape[-1]).double()
+            mean = x.mean(0)
+            covariance = (x - mean).T @ (x - mean) / len(x)
+            _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
+            basis = vectors.flip(1)[:, :latent_channels]
+            basis = basis * torch.where(basis.sum(0) < 0, -1.0, 1.0)  # a deterministic sign per component
+            getattr(codec, f"{name}_mean").copy_(mean.float())
+            getattr(codec, f"{name}_basis").copy_(basis.float())
+        codec.scale.fill_(float(codec.encode(clips).std()))
+        return codec
+
+    # ---- folders ---------------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"_class_name": CLASS_NAME, "latent_channels": self.latent_channels,
+                  "temporal_factor": self.temporal_factor, "spatial_factor": self.spatial_factor}  # fmt: skip
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / WEIGHTS))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> PatchCodec:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        config = json.loads((folder / "config.json").read_text())
+        if config.get("_class_name") != CLASS_NAME:
+            raise InputError(f"{folder}: not a {CLASS_NAME} folder")
+        codec = cls(config["latent_channels"], config["temporal_factor"], config["spatial_factor"])
+        codec.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
+        return codec.eval()
+
+
+def is_patch_codec(folder: str | Path) -> bool:
+    """Whether a ``vae/`` folder holds a ``PatchCodec`` (else it is diffusers' ``AutoencoderKLWan``)."""
+    config = Path(folder) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("_class_name") == CLASS_NAME
