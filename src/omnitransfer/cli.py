@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_generate)
 
     add_synth_command(sub)
+    _add_benchmark_command(sub)
+    _add_demo_command(sub)
     add_prepare_command(sub).set_defaults(run=_prepare)
 
     train = sub.add_parser(
@@ -91,6 +93,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_benchmark_command(sub) -> None:
+    bench = sub.add_parser("benchmark", help="measure a model on the synthetic world")
+    kinds = bench.add_subparsers(dest="benchmark", required=True, parser_class=_Parser)
+    transfer = kinds.add_parser(
+        "transfer", help="score the model, the model without its reference, and copying, on test samples"
+    )
+    transfer.add_argument("--model", type=Path, help="a model folder; the embedded model otherwise")
+    transfer.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["all"],
+        metavar="TASK",
+        help=f"tasks to score ({', '.join(t.value for t in Task)}; space- or comma-separated), or all (default)",
+    )
+    transfer.add_argument("--count", type=int, default=20, help="test samples per task (indices 0..count-1)")
+    transfer.add_argument("--steps", type=int, help="denoising steps (the model's default otherwise)")
+    transfer.add_argument("--seed", type=int, default=0, help="test sample i is generated with seed + i")
+    transfer.add_argument("--output", type=Path, help="a .json file for every per-sample and mean number")
+    transfer.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    transfer.add_argument("--quiet", action="store_true", help="no progress bars")
+    transfer.set_defaults(run=_benchmark_transfer)
+
+
+def _add_demo_command(sub) -> None:
+    demo = sub.add_parser("demo", help="generate test sample I of every task beside its inputs and ground truth")
+    demo.add_argument("--output", type=Path, required=True, help="folder for <task>/generated.mp4, comparison.*")
+    demo.add_argument("--model", type=Path, help="a model folder; the embedded model otherwise")
+    demo.add_argument("--index", type=int, default=0, help="test sample index (as `omnitransfer synth --split test`)")
+    demo.add_argument("--steps", type=int, help="denoising steps (the model's default otherwise)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    demo.set_defaults(run=_demo)
+
+
 def _quiet_libraries() -> None:
     """Keep stderr for our own progress bar and errors: no loading bars or notices from the libraries."""
     import diffusers
@@ -99,6 +135,22 @@ def _quiet_libraries() -> None:
     for lib in (diffusers, transformers):
         lib.utils.logging.set_verbosity_error()
         lib.utils.logging.disable_progress_bar()
+
+
+def _load_pipeline(model: Path | None, device: str, dtype=None, method: str | None = None):
+    """Check the device, quieten the libraries and load the pipeline (float32 unless ``dtype``)."""
+    import torch
+
+    from .pipeline import OmniTransferPipeline
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA GPU is available here")
+    _quiet_libraries()
+    return OmniTransferPipeline.from_pretrained(model, dtype or torch.float32, device, method=method)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -119,18 +171,10 @@ def _generate(args: argparse.Namespace) -> None:
 
     import torch  # the heavy imports, once the inputs are known to be usable
 
-    from .pipeline import OmniTransferPipeline, Reference
+    from .pipeline import Reference
 
     start = time.perf_counter()
-    _quiet_libraries()
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise InputError(f"--device {args.device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {args.device}: no CUDA GPU is available here")
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    pipe = OmniTransferPipeline.from_pretrained(args.model, dtype, args.device, method=args.method)
+    pipe = _load_pipeline(args.model, args.device, torch.bfloat16 if args.bf16 else None, args.method)
     captions = args.ref_prompt + [""] * (len(refs) - len(args.ref_prompt))
     frames = pipe(
         references=[Reference(task, path, prompt) for (task, path), prompt in zip(refs, captions)],
@@ -151,6 +195,42 @@ def _generate(args: argparse.Namespace) -> None:
     save_video(frames, args.output, fps=args.fps or pipe.settings.fps)
     t, h, w, _ = frames.shape
     print(f"wrote {args.output} ({t} frames, {w}x{h}) in {time.perf_counter() - start:.1f} s")
+
+
+def _benchmark_transfer(args: argparse.Namespace) -> None:
+    """Check the options, load the model, score every system on every task, print tables, write JSON."""
+    from . import evaluation
+
+    names = [name for item in args.tasks for name in item.split(",") if name.strip()]
+    everything = [name.strip().lower() for name in names] == ["all"]
+    tasks = evaluation.check_options(list(Task) if everything else names, args.count, args.steps)
+    if args.output is not None and (args.output.suffix.lower() != ".json" or args.output.is_dir()):
+        raise InputError(f"--output {args.output}: expected a .json file path")
+    start = time.perf_counter()
+    pipe = _load_pipeline(args.model, args.device)
+    records = evaluation.run_benchmark(pipe, tasks, args.count, args.steps, args.seed, progress=not args.quiet)
+    steps = args.steps or pipe.settings.num_inference_steps
+    s = pipe.settings
+    print(
+        f"transfer benchmark: {args.model or 'embedded model'}, {args.count} test samples per task, "
+        f"{s.width}x{s.height}x{s.num_frames}, {steps} steps, seed {args.seed}\n"
+    )
+    print(evaluation.format_tables(records))
+    if args.output is not None:
+        meta = dict(model=str(args.model or "embedded"), count=args.count, steps=steps, seed=args.seed)
+        meta |= dict(height=s.height, width=s.width, num_frames=s.num_frames)
+        evaluation.write_report(evaluation.report(records, **meta), args.output)
+        print(f"\nwrote {args.output}")
+    print(f"\n{len(records)} scored videos in {time.perf_counter() - start:.1f} s")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import write_demo
+
+    start = time.perf_counter()
+    pipe = _load_pipeline(args.model, args.device)
+    folders = write_demo(pipe, args.output, args.index, steps=args.steps, seed=args.seed)
+    print(f"wrote {len(folders)} task folders under {args.output} in {time.perf_counter() - start:.1f} s")
 
 
 def _prepare(args: argparse.Namespace) -> None:
