@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/omnitransfer generate --ref camera=samples/camera_ref1.mp4 --image samples/camera_ref1.jpg \
 		--prompt "the camera pans across a city street" --output outputs/demo.mp4
-	$(VENV)/bin/omnitransfer demo --output outputs/demo
+	$(VENV)/bin/omnitransfer demo --output outputs/demo --photo samples/camera_ref1.jpg --photo samples/effect_ref2.jpg --photo samples/motion_ref3.jpg
 
 test: $(STAMP)
 	$(PY) -m pytest

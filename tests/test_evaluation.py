@@ -170,3 +170,23 @@ def test_cli_benchmark_and_demo(folder, tmp_path, capsys):
     assert data["summary"]["effect"]["copy"]["all"]["first_frame_psnr"] == 100.0
     assert cli.main(["demo", "--model", str(folder), "--output", str(tmp_path / "d"), "--index", "-1"]) == 2
     assert "sample index -1" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+def test_photo_camera_transfer_scores_the_generated_video(pipe, tmp_path):
+    from omnitransfer.demo import photo_camera_transfer
+    from omnitransfer.synthetic.camera import CameraPath
+    from omnitransfer.synthetic.metrics import camera_errors
+    from omnitransfer.video import read_image
+
+    photo = "samples/camera_ref1.jpg"
+    results = photo_camera_transfer(pipe, [photo], tmp_path, steps=2, log=lambda line: None)
+    strip = np.asarray(Image.open(tmp_path / "photo-camera" / "camera_ref1.png"))
+    assert strip.shape == (3 * 2 * H + 2 * SEPARATOR, 5 * 2 * W + 4 * SEPARATOR, 3)  # reference, photo, generated
+    assert video_info(tmp_path / "photo-camera" / "camera_ref1.mp4")[:3] == (F, H, 3 * W + 2 * SEPARATOR)
+    # the still baseline is the photo itself, scored against the sample's true path
+    sample = make_sample(Task.CAMERA, "test", 0, H, W, F)
+    still = np.repeat(read_image(photo, H, W)[None], F, axis=0)
+    expected = camera_errors(still, CameraPath.from_json(sample.truth["path"]))["corner_error_px"]
+    assert results[0]["still_corner_error_px"] == pytest.approx(expected)
+    photo_row = strip[2 * H + SEPARATOR : 4 * H + SEPARATOR, : 2 * W]
+    assert np.array_equal(photo_row, read_image(photo, H, W).repeat(2, 0).repeat(2, 1))

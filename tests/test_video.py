@@ -189,6 +189,7 @@ def test_save_video_round_trip(tmp_path):
 
 def test_save_video_accepts_torch_tensor(tmp_path):
     import torch
+
     path = tmp_path / "t.mp4"
     save_video(torch.from_numpy(brightness_clip(4)), path, fps=8)
     assert video_info(path) == (4, 32, 48, 8.0)

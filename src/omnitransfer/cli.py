@@ -124,6 +124,10 @@ def _add_demo_command(sub) -> None:
     demo.add_argument("--steps", type=int, help="denoising steps (the model's default otherwise)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    demo.add_argument(
+        "--photo", type=Path, action="append", default=[],
+        help="a real photograph to move along the camera test sample's path (repeatable)",
+    )  # fmt: skip
     demo.set_defaults(run=_demo)
 
 
@@ -225,11 +229,15 @@ def _benchmark_transfer(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import write_demo
+    from .demo import photo_camera_transfer, write_demo
+    from .video import read_image
 
+    for photo in args.photo:
+        read_image(photo, 16, 16)  # unreadable photos fail before the model loads
     start = time.perf_counter()
     pipe = _load_pipeline(args.model, args.device)
     folders = write_demo(pipe, args.output, args.index, steps=args.steps, seed=args.seed)
+    photo_camera_transfer(pipe, args.photo, args.output, args.index, steps=args.steps, seed=args.seed)
     print(f"wrote {len(folders)} task folders under {args.output} in {time.perf_counter() - start:.1f} s")
 
 

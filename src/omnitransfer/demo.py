@@ -97,3 +97,47 @@ def write_demo(
         log(f"{folder}: {sample.kind}, {sample.prompt!r}")
         folders.append(folder)
     return folders
+
+
+def photo_camera_transfer(
+    pipe, photos: Sequence[Path], output: Path, index: int = 0, steps: int | None = None, seed: int = 0, log=print
+) -> list[dict]:
+    """Transfer the camera path of test sample ``index`` onto real photographs used as first frames.
+
+    Per photo, under ``output/photo-camera/``: ``<stem>.mp4`` (reference | photo held still | generated) and
+    ``<stem>.png`` (those rows, evenly spaced frames). Returns, per photo, the camera-path error of the
+    generated video and of the photo held still (``synthetic.metrics.camera_errors`` against the true path).
+    """
+    from .pipeline import Reference
+    from .synthetic.camera import CameraPath
+    from .synthetic.metrics import camera_errors
+    from .video import read_image
+
+    sample = native_sample(pipe, Task.CAMERA, index)
+    t, h, w, _ = sample.target.shape
+    path = CameraPath.from_json(sample.truth["path"])
+    folder = output / "photo-camera"
+    results = []
+    for photo in photos:
+        frame = read_image(photo, h, w)
+        generated = pipe(
+            references=[Reference(Task.CAMERA, sample.reference, sample.reference_prompt)],
+            image=frame, prompt="", num_frames=t, height=h, width=w, num_inference_steps=steps, seed=seed,
+            progress=False,
+        )  # fmt: skip
+        still = held_still(frame, t)
+        videos = [sample.reference, still, generated]
+        folder.mkdir(parents=True, exist_ok=True)
+        save_video(comparison_video(videos), folder / f"{Path(photo).stem}.mp4", fps=pipe.settings.fps)
+        _save_png(comparison_strip(videos), folder / f"{Path(photo).stem}.png")
+        result = {
+            "photo": str(photo),
+            "kind": sample.kind,
+            "generated_corner_error_px": camera_errors(generated, path)["corner_error_px"],
+            "still_corner_error_px": camera_errors(still, path)["corner_error_px"],
+        }
+        generated_error, still_error = result["generated_corner_error_px"], result["still_corner_error_px"]
+        log(f"{folder / Path(photo).stem}.png: {sample.kind} path, corner error {generated_error:.2f} px"
+            f" (photo held still: {still_error:.2f} px)")  # fmt: skip
+        results.append(result)
+    return results
