@@ -86,6 +86,42 @@ def test_even_downsampling_picks_rounded_linspace(tmp_path):
     np.testing.assert_allclose(frame_means(frames), expected, atol=3)
 
 
+def test_picked_frames_only_are_converted_and_equal_full_decoding(monkeypatch):
+    path = SAMPLES / "camera_ref1.mp4"
+    full = resample_frames(read_video(path, height=48, width=64), 5)
+    converted = []
+    original = video._frame_to_rgb
+    monkeypatch.setattr(video, "_frame_to_rgb", lambda *a: converted.append(1) or original(*a))
+    picked = read_video(path, num_frames=5, height=48, width=64)
+    assert len(converted) == 5 < video_info(path)[0]
+    np.testing.assert_array_equal(picked, full)
+
+
+def test_wrong_reported_frame_count_falls_back_to_decoding_all(tmp_path, monkeypatch):
+    path = tmp_path / "ramp.mp4"
+    save_video(brightness_clip(20), path)
+
+    class Lying:  # a stream wrapper that reports 40 frames
+        def __init__(self, stream):
+            self._stream = stream
+
+        def __getattr__(self, name):
+            return 40 if name == "frames" else getattr(self._stream, name)
+
+    opener = video._open_video
+
+    @video.contextlib.contextmanager
+    def lying_open(p):
+        with opener(p) as (container, stream):
+            decode = container.decode
+            container_proxy = type("C", (), {"decode": staticmethod(lambda s: decode(s._stream))})()
+            yield container_proxy, Lying(stream)
+
+    monkeypatch.setattr(video, "_open_video", lying_open)
+    frames = read_video(path, num_frames=5)
+    np.testing.assert_allclose(frame_means(frames), np.round(np.linspace(0, 19, 5)) * 10, atol=3)
+
+
 def test_upsampling_repeats_frames(tmp_path):
     path = tmp_path / "ramp.mp4"
     save_video(brightness_clip(6), path)

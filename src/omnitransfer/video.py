@@ -158,11 +158,26 @@ def read_video(
 ) -> np.ndarray:
     """Decode a video to uint8 RGB (T, H, W, 3).
 
-    Frames are resized to cover (height, width) and centre-cropped as they are decoded, then
-    `num_frames` are picked evenly (see `resample_frames`); None keeps all frames / native size.
+    Frames are resized to cover (height, width) and centre-cropped as they are decoded, and `num_frames`
+    are picked evenly (see `resample_frames`); None keeps all frames / native size. When the container
+    reports its frame count, only the picked frames are converted and held (long clips stay cheap); a
+    wrong count falls back to keeping every frame, then picking.
     Rotation metadata (quarter turns) is applied. Raises InputError for unusable files.
     """
     _check_target(height, width)
+    with _open_video(path) as (container, stream):
+        reported = stream.frames  # 0 when the container does not say
+        if num_frames is not None and reported > 0:  # convert and keep only the picked frames
+            picks = _resample_indices(reported, num_frames)
+            wanted = set(picks)
+            kept, decoded = {}, 0
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    kept[i] = _frame_to_rgb(frame, height, width)
+                decoded = i + 1
+            if decoded == reported:
+                return np.stack([kept[i] for i in picks])
+            # the reported count was wrong: decode again, keeping every frame
     with _open_video(path) as (container, stream):
         frames = [_frame_to_rgb(f, height, width) for f in container.decode(stream)]  # T x (H, W, 3)
     if not frames:
