@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import InputError
 from .evaluation import held_still, native_sample, transfer
+from .files import atomic_path
 from .synthetic import Sample
 from .tasks import Task
 from .video import save_video
@@ -64,9 +65,7 @@ def comparison_strip(videos: Sequence[np.ndarray], columns: int = 5, scale: int 
 def _save_png(image: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    from .training.cache import _atomic
-
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
 
 

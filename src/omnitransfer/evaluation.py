@@ -225,7 +225,7 @@ def report(records: Sequence[Record], **meta) -> dict:
 
 def write_report(data: dict, path: Path) -> None:
     """Write ``report(...)`` atomically as JSON."""
-    from .training.cache import write_json
+    from .files import write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, data)

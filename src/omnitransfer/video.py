@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import InputError
+from .files import atomic_path
 
 __all__ = [
     "check_num_frames",
@@ -269,10 +269,5 @@ def save_video(frames, path: str | os.PathLike, fps: float = 16) -> None:
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected a video file path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}.mp4")
-    try:
+    with atomic_path(path, suffix=".mp4") as tmp:  # the suffix tells PyAV the container
         _encode_h264(frames, tmp, fps)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -1,0 +1,30 @@
+"""Writing files so that a crash or Ctrl-C never leaves a partial file under the final name."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a hidden temporary path beside ``path`` (ending in ``suffix``, for writers that guess the
+    format from it); it is renamed onto ``path`` only if the block succeeds, and removed otherwise."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, data, indent: int | None = 1) -> None:
+    """``data`` as JSON (one trailing newline), written atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=indent) + "\n")
