@@ -20,6 +20,12 @@ Combinations: the query blocks of the requested tasks are concatenated, so the c
 the blocks before it (as it reads every earlier token): a task's block in a combination is not the
 output it would have alone; it depends on the whole request, the other tasks included.
 
+Training (``omnitransfer.training``): a request is first reduced to what the MLLM reads at its own
+resolution (``request`` -> `Request`, what a training cache stores), then tokenised (``inputs``). With a
+frozen MLLM (no LoRA), the keys and values of every token before the MetaQueries do not depend on
+anything that trains (the LLM is causal), so they can be computed once (``prefix`` -> `Prefix`) and only
+the queries run at each step (``forward(inputs, prefix)``); with LoRA the whole MLLM runs every step.
+
 Only the connector, the MetaQueries and (optional) LoRA factors on the LLM's attention are this
 project's weights; they are saved apart from the Qwen2.5-VL checkpoint, which any local folder from 3B
 to 72B provides through the same ``from_pretrained`` call.
@@ -37,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
 
 from .errors import InputError
 from .tasks import Task
@@ -123,6 +130,34 @@ class MLLMInputs:
         return MLLMInputs(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
 
 
+@dataclass
+class Request:
+    """One request reduced to what the MLLM reads, at its resolution: what a training cache stores.
+
+    references: per task, uint8 (frames_per_reference, h, w, 3) sampled from the reference video and
+    resized to ``video_tokens``; source_frames: each reference video's frame count before sampling (it
+    spaces the temporal M-RoPE); first_frame: uint8 (h, w, 3) resized to ``image_tokens``, or None.
+    """
+
+    tasks: tuple[Task, ...]
+    references: list[np.ndarray]
+    source_frames: list[int]
+    first_frame: np.ndarray | None = None
+    prompt: str | None = None
+
+
+@dataclass
+class Prefix:
+    """A frozen MLLM's keys and values over a request's tokens before its MetaQueries (``TaskAlignment.prefix``).
+
+    The request without its prompt is a prefix of the request with it (``TaskAlignment.inputs``), so the
+    same states also serve the request with the prompt dropped.
+    """
+
+    input_ids: torch.Tensor  # (S,) the tokens they were computed over
+    states: torch.Tensor  # (layers, 2, kv_heads, S, head_dim): rotated keys, values
+
+
 def mlp_connector(in_dim: int, out_dim: int) -> nn.Sequential:
     """The paper's 3-layer MLP: in_dim -> out_dim -> out_dim -> out_dim, GELU between."""
     return nn.Sequential(
@@ -171,20 +206,40 @@ def _pixel_budget(image_processor, tokens: int) -> dict:
     return {"shortest_edge": min(image_processor.size["shortest_edge"], most), "longest_edge": most}
 
 
-def patchify_video(image_processor, frames: np.ndarray, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_frames(image_processor, frames: np.ndarray, tokens: int) -> np.ndarray:
+    """uint8 frames (..., H, W, 3) resized (bicubic, aspect kept) to at most ``tokens`` LLM tokens each,
+    both sides multiples of patch x merge: the size Qwen2.5-VL's processors give them."""
+    try:  # transformers 5 (no torchvision needed)
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    except ImportError:  # transformers 4
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    budget = _pixel_budget(image_processor, tokens)
+    factor = image_processor.patch_size * image_processor.merge_size
+    size = frames.shape[-3:-1]
+    h, w = smart_resize(*size, factor=factor, min_pixels=budget["shortest_edge"], max_pixels=budget["longest_edge"])
+    if (h, w) == size:
+        return frames
+    flat = frames.reshape(-1, *frames.shape[-3:])  # (N, H, W, 3)
+    resized = [np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC)) for f in flat]
+    return np.stack(resized).reshape(*frames.shape[:-3], h, w, 3)
+
+
+def patchify_video(image_processor, frames: np.ndarray, tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen2.5-VL video patches of uint8 frames (T, H, W, 3), T a multiple of the temporal patch.
 
-    Each frame goes through the checkpoint's image processor (resize, rescale, normalise, patchify),
-    which repeats a still frame over the temporal patch; here consecutive frames fill it instead, in
-    the layout of transformers' ``Qwen2VLVideoProcessor``: rows (t, h/m, w/m, m, m), columns
-    (C, temporal, p, p). Returns ``pixel_values_videos`` (t * h * w, C * tp * p * p) and its grid (1, 3).
+    Each frame goes through the checkpoint's image processor (resize to ``tokens`` LLM tokens, or none
+    when None: frames already fitted by `fit_frames`; rescale, normalise, patchify), which repeats a
+    still frame over the temporal patch; here consecutive frames fill it instead, in the layout of
+    transformers' ``Qwen2VLVideoProcessor``: rows (t, h/m, w/m, m, m), columns (C, temporal, p, p).
+    Returns ``pixel_values_videos`` (t * h * w, C * tp * p * p) and its grid (1, 3).
     """
     tp = image_processor.temporal_patch_size
     if len(frames) % tp:
         raise ValueError(f"{len(frames)} frames: expected a multiple of the temporal patch {tp}")
     out = image_processor(
         images=list(frames),
-        size=_pixel_budget(image_processor, tokens),
+        **({"size": _pixel_budget(image_processor, tokens)} if tokens else {"do_resize": False}),
         input_data_format="channels_last",
         return_tensors="pt",
     )
@@ -222,6 +277,7 @@ class TaskAlignment(nn.Module):
         if not -layers - 1 <= self.config.hidden_layer <= layers:
             raise InputError(f"hidden_layer {self.config.hidden_layer}: the MLLM has {layers} layers (+1 embeddings)")
         self.mllm = mllm.requires_grad_(False).eval()
+        self.mllm_folder: Path | None = None  # the checkpoint folder, when loaded from one (``from_mllm``)
         self.lora: LoraSettings | None = None
         hidden = mllm.config.text_config.hidden_size
         # Queries start at the scale of the token embeddings, so the LLM first reads them as ordinary tokens.
@@ -235,7 +291,9 @@ class TaskAlignment(nn.Module):
         cls, mllm_dir, text_dim: int, config: AlignmentConfig | None = None, torch_dtype=torch.float32
     ) -> TaskAlignment:
         """A new (untrained) module over the Qwen2.5-VL checkpoint in ``mllm_dir``."""
-        return cls(*load_mllm(mllm_dir, torch_dtype), text_dim=text_dim, config=config)
+        module = cls(*load_mllm(mllm_dir, torch_dtype), text_dim=text_dim, config=config)
+        module.mllm_folder = Path(mllm_dir).resolve()
+        return module
 
     @classmethod
     def from_pretrained(cls, folder, mllm_dir, torch_dtype=torch.float32) -> TaskAlignment:
@@ -256,20 +314,17 @@ class TaskAlignment(nn.Module):
             )
         if meta["lora"] is not None:
             module.add_lora(**meta["lora"])
-        own = module.trainable_parameters("all")
-        if set(weights) != set(own):
-            raise InputError(f"{folder}: weights {sorted(set(weights) ^ set(own))[:3]}... do not match the module")
-        module.load_state_dict(weights, strict=False)
+        module.load_own_state(weights, folder)
         return module
 
-    def save_pretrained(self, folder) -> Path:
-        """Write the connector, the MetaQueries and LoRA factors (safetensors) and the settings (JSON)."""
+    def save_pretrained(self, folder, weights: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the connector, the MetaQueries and LoRA factors (safetensors) and the settings (JSON);
+        ``weights``: other values for them (e.g. their EMA), by ``own_state``'s names."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: p.detach().cpu().contiguous() for k, p in self.trainable_parameters("all").items()}
-        save_file(tensors, folder / WEIGHTS_FILE)
+        save_file(self.own_state() if weights is None else weights, folder / WEIGHTS_FILE)
         meta = {
             "config": dataclasses.asdict(self.config),
             "text_dim": self.text_dim,
@@ -279,6 +334,17 @@ class TaskAlignment(nn.Module):
         }
         (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return folder
+
+    def own_state(self) -> dict[str, torch.Tensor]:
+        """This project's weights (connector, MetaQueries, LoRA factors) by name, as CPU copies."""
+        return {k: p.detach().cpu().clone().contiguous() for k, p in self.trainable_parameters("all").items()}
+
+    def load_own_state(self, weights: dict[str, torch.Tensor], where) -> None:
+        """Load ``own_state`` weights; InputError naming ``where`` unless they are exactly this module's."""
+        own = self.trainable_parameters("all")
+        if set(weights) != set(own):
+            raise InputError(f"{where}: weights {sorted(set(weights) ^ set(own))[:3]}... do not match the module")
+        self.load_state_dict(weights, strict=False)
 
     # ---- training -----------------------------------------------------------------------------------
     def add_lora(self, rank: int = 32, alpha: float | None = None, targets: Sequence[str] = DEFAULT_LORA_TARGETS):
@@ -319,6 +385,90 @@ class TaskAlignment(nn.Module):
         return chosen
 
     # ---- encoding -----------------------------------------------------------------------------------
+    def request(
+        self,
+        tasks: Sequence[Task | str],
+        reference_frames: Sequence[np.ndarray],
+        first_frame: np.ndarray | None = None,
+        prompt: str | None = None,
+    ) -> Request:
+        """What the MLLM reads of one request: uint8 reference videos (T, H, W, 3), one per task in order,
+        each sampled to ``frames_per_reference`` frames, and an optional uint8 first frame (H, W, 3), all
+        resized to the MLLM's token budgets; the prompt is optional."""
+        tasks = tuple(t if isinstance(t, Task) else Task.parse(t) for t in tasks)
+        if not tasks or len(reference_frames) != len(tasks):
+            raise InputError(f"{len(reference_frames)} reference videos for {len(tasks)} tasks: expected one per task")
+        if first_frame is not None:
+            first_frame = np.asarray(first_frame)
+            if first_frame.ndim != 3 or first_frame.shape[-1] != 3 or first_frame.dtype != np.uint8:
+                raise InputError(f"first frame of shape {first_frame.shape}: expected uint8 (H, W, 3)")
+            first_frame = self.fit_image(first_frame)
+        videos = [np.asarray(frames) for frames in reference_frames]
+        for frames in videos:
+            if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+                raise InputError(f"reference video of shape {frames.shape}: expected uint8 (T, H, W, 3), T > 0")
+        return Request(tasks, [self.fit_reference(v) for v in videos], [len(v) for v in videos], first_frame, prompt)
+
+    def fit_reference(self, frames: np.ndarray) -> np.ndarray:
+        """A reference video (T, H, W, 3) as the MLLM reads it: ``frames_per_reference`` frames, resized."""
+        return fit_frames(self.image_processor, sample_frames(frames, self.config.frames_per_reference),
+                          self.config.video_tokens)  # fmt: skip
+
+    def fit_image(self, image: np.ndarray) -> np.ndarray:
+        """A first frame (H, W, 3) as the MLLM reads it: resized to ``image_tokens`` tokens."""
+        return fit_frames(self.image_processor, image, self.config.image_tokens)
+
+    def inputs(self, request: Request, pixels: bool = True) -> MLLMInputs:
+        """A request as Qwen2.5-VL inputs; ``pixels=False`` leaves the pixel values out (all that
+        ``forward`` needs with a ``Prefix``). The task templates and the prompt are tokenised apart, so
+        the request without its prompt is a prefix of the request with it."""
+        cfg, mc, ip = self.config, self.mllm.config, self.image_processor
+        p, merged = ip.patch_size, ip.merge_size**2  # pixels per patch side, patches per LLM token
+        ids: list[int] = []
+
+        def vision(token_id: int, grid: torch.Tensor) -> None:
+            ids.extend([mc.vision_start_token_id, *[token_id] * (int(grid.prod()) // merged), mc.vision_end_token_id])
+
+        image = {}
+        if request.first_frame is not None:
+            h, w = request.first_frame.shape[:2]
+            image["image_grid_thw"] = torch.tensor([[1, h // p, w // p]])
+            if pixels:
+                out = ip(images=[request.first_frame], do_resize=False, input_data_format="channels_last",
+                         return_tensors="pt")  # fmt: skip
+                image["pixel_values"] = out.pixel_values
+            vision(mc.image_token_id, image["image_grid_thw"])
+
+        grids, patches, seconds = [], [], []
+        for frames, source in zip(request.references, request.source_frames, strict=True):
+            t, h, w = len(frames) // ip.temporal_patch_size, frames.shape[1] // p, frames.shape[2] // p
+            grids.append(torch.tensor([[t, h, w]]))
+            if pixels:
+                patches.append(patchify_video(ip, frames)[0])
+            # a temporal patch spans temporal_patch_size sampled frames, each source/len source frames apart
+            seconds.append(ip.temporal_patch_size * source / len(frames) / cfg.video_fps)
+            vision(mc.video_token_id, grids[-1])
+
+        texts = [" ".join(cfg.templates[t.value] for t in request.tasks)]
+        if request.prompt and request.prompt.strip():
+            texts.append(" " + request.prompt.strip())
+        for text in texts:
+            ids.extend(self.tokenizer(text, add_special_tokens=False).input_ids)
+        placeholder = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids.extend([placeholder] * (len(request.tasks) * cfg.queries_per_task))  # replaced by the MetaQueries
+
+        input_ids = torch.tensor([ids])
+        token_types = (input_ids == mc.image_token_id).int() + 2 * (input_ids == mc.video_token_id).int()
+        return MLLMInputs(
+            input_ids=input_ids,
+            mm_token_type_ids=token_types,
+            query_tasks=torch.tensor([TASKS.index(t) for t in request.tasks]),
+            pixel_values_videos=torch.cat(patches) if pixels else None,
+            video_grid_thw=torch.cat(grids),
+            second_per_grid_ts=torch.tensor(seconds),
+            **image,
+        )
+
     def prepare(
         self,
         tasks: Sequence[Task | str],
@@ -326,84 +476,99 @@ class TaskAlignment(nn.Module):
         first_frame: np.ndarray | None = None,
         prompt: str | None = None,
     ) -> MLLMInputs:
-        """The MLLM inputs of one request: uint8 reference videos (T, H, W, 3), one per task in order,
-        an optional uint8 first frame (H, W, 3) and an optional prompt."""
-        tasks = [t if isinstance(t, Task) else Task.parse(t) for t in tasks]
-        if not tasks or len(reference_frames) != len(tasks):
-            raise InputError(f"{len(reference_frames)} reference videos for {len(tasks)} tasks: expected one per task")
-        cfg, mc, ip = self.config, self.mllm.config, self.image_processor
-        merged = ip.merge_size**2  # patches per LLM token
-        ids: list[int] = []
+        """The MLLM inputs of one request (``request``, then ``inputs``)."""
+        return self.inputs(self.request(tasks, reference_frames, first_frame, prompt))
 
-        def vision(token_id: int, count: int) -> None:
-            ids.extend([mc.vision_start_token_id, *[token_id] * count, mc.vision_end_token_id])
+    def _positions(self, inputs: MLLMInputs) -> torch.Tensor:
+        """Qwen2.5-VL's 3D M-RoPE positions of every token: (3, 1, S)."""
+        return self.mllm.get_rope_index(
+            inputs.input_ids,
+            inputs.mm_token_type_ids,
+            image_grid_thw=inputs.image_grid_thw,
+            video_grid_thw=inputs.video_grid_thw,
+            second_per_grid_ts=inputs.second_per_grid_ts,
+        )[0]
 
-        image = {}
-        if first_frame is not None:
-            first_frame = np.asarray(first_frame)
-            if first_frame.ndim != 3 or first_frame.shape[-1] != 3 or first_frame.dtype != np.uint8:
-                raise InputError(f"first frame of shape {first_frame.shape}: expected uint8 (H, W, 3)")
-            out = ip(
-                images=[first_frame],
-                size=_pixel_budget(ip, cfg.image_tokens),
-                input_data_format="channels_last",
-                return_tensors="pt",
-            )
-            image = {"pixel_values": out.pixel_values, "image_grid_thw": out.image_grid_thw}
-            vision(mc.image_token_id, int(out.image_grid_thw.prod()) // merged)
+    @torch.no_grad()
+    def prefix(self, inputs: MLLMInputs) -> Prefix:
+        """The frozen MLLM's keys and values over the tokens before the MetaQueries (float32, on the CPU).
 
-        videos, grids, seconds = [], [], []
-        for frames in reference_frames:
-            frames = np.asarray(frames)
-            if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
-                raise InputError(f"reference video of shape {frames.shape}: expected uint8 (T, H, W, 3), T > 0")
-            patches, grid = patchify_video(ip, sample_frames(frames, cfg.frames_per_reference), cfg.video_tokens)
-            videos.append(patches)
-            grids.append(grid)
-            # a temporal patch spans temporal_patch_size sampled frames, each len/n source frames apart
-            seconds.append(ip.temporal_patch_size * len(frames) / cfg.frames_per_reference / cfg.video_fps)
-            vision(mc.video_token_id, int(grid.prod()) // merged)
-
-        texts = [cfg.templates[t.value] for t in tasks] + ([prompt.strip()] if prompt and prompt.strip() else [])
-        ids.extend(self.tokenizer(" ".join(texts), add_special_tokens=False).input_ids)
-        placeholder = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids.extend([placeholder] * (len(tasks) * cfg.queries_per_task))  # replaced by the MetaQueries
-
-        input_ids = torch.tensor([ids])
-        token_types = (input_ids == mc.image_token_id).int() + 2 * (input_ids == mc.video_token_id).int()
-        return MLLMInputs(
-            input_ids=input_ids,
-            mm_token_type_ids=token_types,
-            query_tasks=torch.tensor([TASKS.index(t) for t in tasks]),
-            pixel_values_videos=torch.cat(videos),
-            video_grid_thw=torch.cat(grids),
-            second_per_grid_ts=torch.tensor(seconds),
-            **image,
-        )
-
-    def forward(self, inputs: MLLMInputs) -> torch.Tensor:
-        """MetaQuery states of prepared inputs through the connector: (1, Q_total, text_dim), float32."""
-        device = self.mllm.device
-        inputs = inputs.to(device)
-        queries = self.queries[inputs.query_tasks.to(self.queries.device)].flatten(0, 1)  # (Q, hidden)
-        q = len(queries)
-        prefix = self.mllm.get_input_embeddings()(inputs.input_ids[:, :-q])  # (1, S - Q, hidden)
-        queries = queries.to(device, prefix.dtype)
-        embeds = torch.cat([prefix, queries[None]], dim=1)  # (1, S, hidden)
-        last = self.config.hidden_layer == -1
+        The LLM is causal: they depend on neither the queries nor the connector, so they hold as long
+        as the MLLM's own weights do (no LoRA), and ``forward(inputs, prefix)`` then runs the queries only.
+        """
+        if self.lora is not None:
+            raise RuntimeError("the prefix states of an MLLM with LoRA change as it trains: run it live")
+        inputs = inputs.to(self.mllm.device)
+        n = inputs.input_ids.shape[1] - len(inputs.query_tasks) * self.config.queries_per_task
         out = self.mllm(
-            input_ids=inputs.input_ids,  # locates the vision placeholders and builds the M-RoPE positions
-            inputs_embeds=embeds,
-            mm_token_type_ids=inputs.mm_token_type_ids,
+            input_ids=inputs.input_ids[:, :n],
+            mm_token_type_ids=inputs.mm_token_type_ids[:, :n],
             pixel_values=inputs.pixel_values,
             image_grid_thw=inputs.image_grid_thw,
             pixel_values_videos=inputs.pixel_values_videos,
             video_grid_thw=inputs.video_grid_thw,
             second_per_grid_ts=inputs.second_per_grid_ts,
-            output_hidden_states=not last,
-            use_cache=False,
+            position_ids=self._positions(inputs)[:, :, :n],
+            use_cache=True,
         )
-        hidden = out.last_hidden_state if last else out.hidden_states[self.config.hidden_layer]  # (1, S, hidden)
+        layers = out.past_key_values.layers
+        states = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in layers])  # (L, 2, kv, n, d)
+        return Prefix(inputs.input_ids[0, :n].cpu(), states.float().cpu())
+
+    def _query_pass(self, inputs: MLLMInputs, queries: torch.Tensor, prefix: Prefix):
+        """The LLM over the MetaQueries (1, Q, hidden) alone, attending to the prefix's cached keys and values."""
+        from transformers import DynamicCache
+
+        n = inputs.input_ids.shape[1] - queries.shape[1]
+        cached = prefix.input_ids[:n].to(inputs.input_ids)
+        if n > len(prefix.input_ids) or not torch.equal(cached, inputs.input_ids[0, :n]):
+            raise InputError(
+                "the cached MLLM prefix was computed over other tokens (another template, tokenizer or "
+                "frame size): prepare the cache again for this alignment module"
+            )
+        cache = DynamicCache(config=self.mllm.config.text_config)
+        for i, (keys, values) in enumerate(prefix.states[:, :, :, :n].to(queries)):  # each (kv_heads, n, head_dim)
+            cache.update(keys[None], values[None], i)
+        last = self.config.hidden_layer == -1
+        return self.mllm.language_model(
+            inputs_embeds=queries,
+            position_ids=self._positions(inputs)[:, :, n:],
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=not last,
+        )
+
+    def forward(self, inputs: MLLMInputs, prefix: Prefix | None = None) -> torch.Tensor:
+        """MetaQuery states of prepared inputs through the connector: (1, Q_total, text_dim), float32.
+
+        With ``prefix`` (``prefix(inputs)`` of the same request, or of the same request with its prompt)
+        only the queries run through the LLM; the result equals the full pass."""
+        device = self.mllm.device
+        inputs = inputs.to(device)
+        queries = self.queries[inputs.query_tasks.to(self.queries.device)].flatten(0, 1)  # (Q, hidden)
+        q = len(queries)
+        queries = queries.to(device, self.mllm.get_input_embeddings().weight.dtype)[None]  # (1, Q, hidden)
+        last = self.config.hidden_layer == -1
+        if prefix is not None:
+            out = self._query_pass(inputs, queries, prefix)
+        else:
+            if inputs.pixel_values_videos is None:
+                raise ValueError("inputs without pixel values: the full MLLM pass needs them (inputs(pixels=True))")
+            prefix_embeds = self.mllm.get_input_embeddings()(inputs.input_ids[:, :-q])  # (1, S - Q, hidden)
+            embeds = torch.cat([prefix_embeds, queries], dim=1)  # (1, S, hidden)
+            out = self.mllm(
+                input_ids=inputs.input_ids,  # locates the vision placeholders and builds the M-RoPE positions
+                inputs_embeds=embeds,
+                mm_token_type_ids=inputs.mm_token_type_ids,
+                pixel_values=inputs.pixel_values,
+                image_grid_thw=inputs.image_grid_thw,
+                pixel_values_videos=inputs.pixel_values_videos,
+                video_grid_thw=inputs.video_grid_thw,
+                second_per_grid_ts=inputs.second_per_grid_ts,
+                output_hidden_states=not last,
+                use_cache=False,
+            )
+        hidden = out.last_hidden_state if last else out.hidden_states[self.config.hidden_layer]  # (1, S or Q, hidden)
         states = hidden[:, -q:].to(self.queries.device, torch.float32)  # (1, Q, hidden)
         return self.connector(states)  # (1, Q, text_dim)
 
@@ -417,8 +582,8 @@ class TaskAlignment(nn.Module):
         """The target's cross-attention context (1, sum of queries, text_dim) for one request.
 
         Gradients flow only when some parameter of this module trains (``set_trainable``); otherwise it
-        runs under no_grad. The MetaQueries are inputs of the MLLM: training them (stage 2) needs the
-        live MLLM even when its weights are frozen.
+        runs under no_grad. The MetaQueries are inputs of the MLLM: training them (stage 2) runs the
+        MLLM over them even when its weights are frozen (over the queries alone with a ``Prefix``).
         """
         inputs = self.prepare(tasks, reference_frames, first_frame, prompt)
         trains = any(p.requires_grad for p in self.parameters())

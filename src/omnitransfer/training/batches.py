@@ -75,4 +75,6 @@ def collate(samples, positions: list[int]) -> Batch:
             tuple(stack([s.reference_first_frames[j][k] for s in samples]) for k in (0, 1))
             for j in range(len(first.references))
         ],
+        requests=None if first.request is None else [s.request for s in samples],
+        prefixes=None if first.prefix is None else [s.prefix for s in samples],
     )

@@ -12,6 +12,14 @@ Fields per record: ``target`` (z, f, h, w); ``condition`` (z, f, h, w), the late
 zeros...], and ``image_tokens`` (N, image_dim), only for records with a first frame; ``prompt``
 (L, text_dim) and ``reference_prompt.J`` (L_J, text_dim), unpadded (real tokens, EOS included);
 ``reference.J`` (z, f_r, h_r, w_r). Every file appears under its name only once complete.
+
+A cache prepared for an alignment module (header ``alignment``: its MLLM folder, its settings and
+whether prefix states were stored) also holds, per record, what the MLLM reads at its own resolution:
+``mllm_reference.J`` uint8 (frames_per_reference, h, w, 3) and ``mllm_first_frame`` uint8 (h, w, 3)
+(records with a first frame); with a frozen MLLM also ``mllm_prefix`` (layers, 2, kv_heads, S, head_dim),
+its keys and values over the request's tokens before the MetaQueries, and ``mllm_prefix_ids`` (S,).
+The prompt and tasks are the index's. Integer tensors keep their dtype; caches without these fields
+read as before.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..alignment import Prefix, Request
 from ..errors import InputError
 from ..tasks import Task
 
@@ -69,10 +78,11 @@ def write_json(path: Path, data: dict, indent: int | None = 1) -> None:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Atomically save CPU tensors in ``dtype``; a tensor stored under two keys is copied (safetensors)."""
+    """Atomically save CPU tensors, floating ones in ``dtype`` (frames and token ids keep theirs); a
+    tensor stored under two keys is copied (safetensors)."""
     out, seen = {}, set()
     for name, tensor in tensors.items():
-        tensor = tensor.to("cpu", dtype).contiguous()
+        tensor = tensor.to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
         if tensor.data_ptr() in seen:
             tensor = tensor.clone()
         seen.add(tensor.data_ptr())
@@ -142,9 +152,23 @@ class CachedSample:
     reference_prompts: list[torch.Tensor]  # each (text_max_length, text_dim)
     # each reference's own first-frame conditioning (latent, CLIP tokens), when prepared (VAP trains on it)
     reference_first_frames: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    request: Request | None = None  # what the MLLM reads, in a cache prepared for an alignment module
+    prefix: Prefix | None = None  # the frozen MLLM's states over it, when prepared
 
 
 _RECORD_FIELDS = ("tasks", "shard", "has_image", "target_shape", "reference_shapes")
+
+
+def mllm_request(tasks, get, references: int, has_image: bool, num_frames: int, prompt: str) -> Request:
+    """A record's `Request` from its ``mllm_*`` fields (``get(field)`` -> tensor); every reference was
+    resampled to the cache's ``num_frames`` before the MLLM's frames were sampled from it."""
+    return Request(
+        tasks=tuple(tasks),
+        references=[get(f"mllm_reference.{j}").numpy() for j in range(references)],
+        source_frames=[num_frames] * references,
+        first_frame=get("mllm_first_frame").numpy() if has_image else None,
+        prompt=prompt,
+    )
 
 
 class LatentCache:
@@ -219,6 +243,14 @@ class LatentCache:
             return shard.get_tensor(key(i, field))
 
         refs = range(len(entry["reference_shapes"]))
+        aligned = self.info.get("alignment")
+        request = prefix = None
+        if aligned:
+            request = mllm_request(
+                self._tasks[i], get, len(refs), entry["has_image"], self.info["num_frames"], entry["prompt"]
+            )
+            if aligned["prefix"]:
+                prefix = Prefix(get("mllm_prefix_ids"), get("mllm_prefix"))
         return CachedSample(
             index=i,
             tasks=self._tasks[i],
@@ -231,6 +263,8 @@ class LatentCache:
             reference_first_frames=[(get(f"reference_condition.{j}"), get(f"reference_image_tokens.{j}")) for j in refs]
             if self.info.get("reference_first_frames")
             else None,
+            request=request,
+            prefix=prefix,
         )
 
     def signature(self, i: int) -> tuple:

@@ -1,8 +1,11 @@
 """Training checkpoints (safetensors + JSON, written atomically) and the exported model folder.
 
 A checkpoint is a folder ``step-00001000`` holding ``model.safetensors`` (full state, fp32),
-``optimizer.safetensors`` (AdamW moments and step counts), ``ema.safetensors`` (optional) and
-``trainer.json`` (step, stage, architecture, optimizer hyper-parameters, seed). It is written under a
+``optimizer.safetensors`` (AdamW moments and step counts; absent in a stage that trains no DiT
+weight), ``ema.safetensors`` (optional) and ``trainer.json`` (step, stage, architecture, optimizer
+hyper-parameters, seed); with an alignment module also ``alignment.safetensors`` (its own weights:
+connector, MetaQueries, LoRA factors; never the MLLM's), ``alignment_optimizer.safetensors`` and
+``alignment_ema.safetensors``. It is written under a
 temporary name and renamed when complete, so a kill at any moment leaves either the previous
 checkpoint or the new one. The learning-rate schedule, the data order and every random draw are pure
 functions of (seed, step), so the step is the whole of the scheduler, data and RNG state.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -74,22 +78,35 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict], n
     return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(folder: Path, step: int, stage: str, model, optimizer, ema, world: World, extra: dict) -> Path:
-    """Collective: gather the full state, then the main process writes it atomically."""
-    model_state = {clean_name(k): v for k, v in get_model_state_dict(model, options=FULL).items()}
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL)
-    ema_state = ema.full_state() if ema is not None else None
+def save_checkpoint(
+    folder: Path, step: int, stage: str, model, optimizer, ema, world: World, extra: dict, alignment=None
+) -> Path:
+    """Collective: gather the full state, then the main process writes it atomically.
+
+    ``optimizer``: None in a stage that trains no DiT weight. ``alignment``: (module, its optimizer or
+    None, its EMA or None) of the alignment module (replicated: every process holds it whole).
+    """
+    files = {"model": {clean_name(k): v for k, v in get_model_state_dict(model, options=FULL).items()}}
+    parts = [("", model, optimizer, ema)]
+    if alignment is not None:
+        files["alignment"] = alignment[0].own_state()
+        parts.append(("alignment_", *alignment))
+    optimizer_states = {}
+    for prefix, module, opt, averaged in parts:
+        if opt is not None:
+            optimizer_states[prefix] = get_optimizer_state_dict(module, opt, options=FULL)
+        if averaged is not None:
+            files[f"{prefix}ema"] = averaged.full_state()
     final = folder / f"step-{step:08d}"
     if world.is_main:  # the gathered state lives on the main process only
-        opt_tensors, groups = _flatten_optimizer(optimizer_state)
+        meta = {"step": step, "stage": stage, "world_size": world.size, **extra}
+        for prefix, state in optimizer_states.items():
+            files[f"{prefix}optimizer"], meta[f"{prefix}param_groups"] = _flatten_optimizer(state)
         tmp = folder / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        if ema_state is not None:
-            save_file(ema_state, tmp / "ema.safetensors")
-        meta = {"step": step, "stage": stage, "param_groups": groups, "world_size": world.size, **extra}
+        for name, tensors in files.items():
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
         _replace_folder(tmp, final)
     barrier(world)
@@ -134,11 +151,22 @@ def load_model_state(checkpoint: Path, model, ema) -> dict:
     return meta
 
 
-def load_optimizer_state(checkpoint: Path, model, optimizer) -> None:
-    """Collective: restore the AdamW state of the stage the checkpoint was saved in."""
+def load_alignment_state(checkpoint: Path, module, ema) -> None:
+    """Restore the alignment module's own weights and their EMA in place."""
+    path = checkpoint / "alignment.safetensors"
+    if not path.is_file():
+        raise InputError(f"{checkpoint}: holds no alignment module: resume with the config it was trained with")
+    module.load_own_state(load_file(path), checkpoint)
+    if ema is not None:
+        ema.load_full_state(load_file(checkpoint / "alignment_ema.safetensors"))
+
+
+def load_optimizer_state(checkpoint: Path, model, optimizer, prefix: str = "") -> None:
+    """Collective: restore the AdamW state of the stage the checkpoint was saved in (``prefix``
+    "alignment_": the alignment module's)."""
     meta = read_meta(checkpoint)
     state = _unflatten_optimizer(
-        load_file(checkpoint / "optimizer.safetensors"), meta["param_groups"], _live_names(model)
+        load_file(checkpoint / f"{prefix}optimizer.safetensors"), meta[f"{prefix}param_groups"], _live_names(model)
     )
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
@@ -166,15 +194,19 @@ def export_model(
     base_model: str,
     settings: dict,
     model_class: type[OmniTransferTransformer] = OmniTransferTransformer,
+    write_more: Callable[[Path], object] | None = None,
 ) -> Path:
     """Write a model folder that ``OmniTransferPipeline.from_pretrained`` and ``generate --model`` load:
-    ``transformer/`` (safetensors) and ``omnitransfer.json`` pointing at the base model for the rest."""
+    ``transformer/`` (safetensors) and ``omnitransfer.json`` pointing at the base model for the rest;
+    ``write_more(folder)`` adds further components (e.g. ``alignment/``) before the folder is put in place."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     with torch.device("meta"):
         model = model_class.from_config(architecture)
     model.load_state_dict(state, strict=True, assign=True)
     model.save_pretrained(tmp / "transformer", safe_serialization=True)
+    if write_more is not None:
+        write_more(tmp)
     (tmp / SETTINGS_FILE).write_text(json.dumps({**settings, "base_model": base_model}, indent=2))
     _replace_folder(tmp, folder)
     return folder

@@ -9,9 +9,11 @@ from typing import Any
 
 import yaml
 
+from ..alignment import DEFAULT_TEMPLATES, STAGE_SETS, AlignmentConfig
 from ..errors import InputError
 
-TRAINABLE_SETS = ("blocks", "connector", "all")
+TRAINABLE_SETS = tuple(STAGE_SETS)  # "blocks", "connector", "all"
+MLLM_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -22,6 +24,11 @@ class Stage:
     steps: int
     trainable: str = "blocks"  # "blocks": the DiT blocks; "connector": the alignment module; "all"
     lr: float | None = None  # None: optim.lr
+
+    @property
+    def aligned(self) -> bool:
+        """Whether this stage trains the alignment module, whose context then replaces UMT5's for the target."""
+        return STAGE_SETS[self.trainable]
 
 
 @dataclass
@@ -60,6 +67,22 @@ class Parallel:
 
 
 @dataclass
+class Alignment:
+    """A new alignment module (Qwen2.5-VL + MetaQueries + connector) for the stages that train it.
+
+    In YAML the module's own options (``AlignmentConfig``: queries_per_task, hidden_layer, templates,
+    frames_per_reference, video_tokens, image_tokens, video_fps) sit beside these keys.
+    """
+
+    mllm: str  # a local Qwen2.5-VL folder (relative to the CWD)
+    lora_rank: int = 32  # LoRA on the LLM's attention projections; 0: the MLLM stays frozen
+    lora_alpha: float | None = None  # None: the rank
+    dtype: str = "float32"  # of the MLLM's frozen weights ("bfloat16" halves them); its LoRA stays float32
+    cached_prefix: bool = True  # with a frozen MLLM, use the prefix states `prepare` cached (else run it live)
+    module: AlignmentConfig = field(default_factory=AlignmentConfig)
+
+
+@dataclass
 class TrainConfig:
     data: str  # a cache folder written by `omnitransfer prepare`
     model: str = "embedded"  # the base Wan2.1 I2V folder (its transformer is the starting point) or "embedded"
@@ -80,6 +103,7 @@ class TrainConfig:
     ema_decay: float | None = None
     lora: Lora = field(default_factory=Lora)
     parallel: Parallel = field(default_factory=Parallel)
+    alignment: Alignment | None = None  # None: the model folder's alignment/ if any, else UMT5 only
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 500
@@ -87,6 +111,13 @@ class TrainConfig:
     validate_every: int = 0  # 0: no validation videos
     validation_samples: int = 2
     validation_steps: int = 20
+
+    @property
+    def model_folder(self) -> Path:
+        """The base model's folder ("embedded": the packaged model)."""
+        from ..pipeline import EMBEDDED_MODEL
+
+        return EMBEDDED_MODEL if self.model == "embedded" else Path(self.model)
 
     @property
     def total_steps(self) -> int:
@@ -102,7 +133,30 @@ class TrainConfig:
         return len(self.stages) - 1, self.stages[-1]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["alignment"] is not None:  # as written in YAML: the module's options beside the others
+            data["alignment"].update(data["alignment"].pop("module"))
+        return data
+
+
+def _alignment(data: Any, where: str) -> Alignment:
+    """The ``alignment`` section: the module's own options go to ``AlignmentConfig`` (templates given
+    for some tasks keep the default sentences of the others), the rest to ``Alignment``."""
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a mapping, got {type(data).__name__}")
+    own = {f.name for f in dataclasses.fields(AlignmentConfig)}
+    module = {k: v for k, v in data.items() if k in own}
+    if isinstance(module.get("templates"), dict):
+        module["templates"] = {**DEFAULT_TEMPLATES, **module["templates"]}
+    known = {f.name for f in dataclasses.fields(Alignment)} - {"module"}
+    unknown = sorted(set(data) - own - known)
+    if unknown:
+        raise InputError(f"{where}: unknown key {unknown[0]!r} (expected one of {', '.join(sorted(own | known))})")
+    try:
+        config = AlignmentConfig(**module)
+    except TypeError as err:
+        raise InputError(f"{where}: {err}") from None
+    return _build(Alignment, {**{k: v for k, v in data.items() if k in known}, "module": config}, where)
 
 
 def _build(cls, data: Any, where: str):
@@ -118,7 +172,9 @@ def _build(cls, data: Any, where: str):
     kwargs = {}
     for name, value in data.items():
         sub = {"optim": Optim, "timesteps": Timesteps, "lora": Lora, "parallel": Parallel}.get(name)
-        if name == "stages" and cls is TrainConfig:
+        if name == "alignment" and cls is TrainConfig:
+            value = None if value is None else _alignment(value, f"{where}.alignment")
+        elif name == "stages" and cls is TrainConfig:
             if not isinstance(value, list) or not value:
                 raise InputError(f"{where}.stages: expected a non-empty list of stages")
             value = [_build(Stage, s, f"{where}.stages[{i}]") for i, s in enumerate(value)]
@@ -147,6 +203,11 @@ def _check(config: TrainConfig, where: str) -> TrainConfig:
         raise InputError(f"{where}.parallel.strategy: {config.parallel.strategy!r} is not auto, fsdp, ddp or none")
     if config.parallel.mixed_precision not in ("fp32", "bf16"):
         raise InputError(f"{where}.parallel.mixed_precision: expected fp32 or bf16")
+    if config.alignment is not None:
+        if config.alignment.dtype not in MLLM_DTYPES:
+            raise InputError(f"{where}.alignment.dtype: {config.alignment.dtype!r} is not one of {MLLM_DTYPES}")
+        if config.alignment.lora_rank < 0:
+            raise InputError(f"{where}.alignment.lora_rank: expected >= 0 (0: no LoRA)")
     return config
 
 
@@ -164,7 +225,8 @@ def _set_dotted(data: dict, assignment: str) -> None:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """Read a YAML config; relative paths in ``data``/``model``/``init_transformer`` are relative to the CWD."""
+    """Read a YAML config; relative paths in ``data``/``model``/``init_transformer``/``alignment.mllm`` are
+    relative to the CWD."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}

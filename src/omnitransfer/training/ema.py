@@ -7,10 +7,12 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 class EMA:
-    def __init__(self, model: torch.nn.Module, decay: float, clean_name):
+    """Averages of ``named_parameters`` ((name, parameter) pairs), saved and loaded by those names."""
+
+    def __init__(self, named_parameters, decay: float):
         self.decay = decay
-        named = list(model.named_parameters())
-        self.names = [clean_name(n) for n, _ in named]
+        named = list(named_parameters)
+        self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.shadow = [p.detach().float().clone() for p in self.params]  # same sharding as the parameter
 

@@ -9,11 +9,13 @@ processes, and a resumed run draws exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 
+from ..alignment import Prefix, Request
 from ..conditioning import target_condition, target_input
 from ..tasks import Task
 from .config import Timesteps
@@ -36,6 +38,8 @@ class Batch:
     reference_prompts: list[torch.Tensor]  # per task: (B, L, text_dim)
     # per task: (latent (B, z, f_r, h_r, w_r), CLIP tokens (B, N, image_dim)) of the reference's first frame
     reference_first_frames: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    requests: list[Request] | None = None  # per sample: what the alignment module's MLLM reads (CPU)
+    prefixes: list[Prefix] | None = None  # per sample: its frozen MLLM's cached prefix states (CPU)
 
     def to(self, device, dtype) -> Batch:
         def move(x):
@@ -51,6 +55,8 @@ class Batch:
             [move(r) for r in self.references],
             [move(p) for p in self.reference_prompts],
             None if self.reference_first_frames is None else [tuple(map(move, f)) for f in self.reference_first_frames],
+            self.requests,
+            self.prefixes,
         )
 
     def reference_inputs(self, model) -> list:
@@ -87,20 +93,28 @@ def flow_matching_loss(
     seed: int,
     step: int,
     input_dtype: torch.dtype | None = None,
+    context: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean squared velocity error over the target tokens (the model outputs nothing else).
 
     ``input_dtype``: cast the model's tensor inputs (not the timesteps) to it, for FSDP's bf16 policy.
+    ``context``: the target's cross-attention context (B, L, text_dim) from the samples' prompt-dropout
+    decisions (B,) bool (``alignment.target_contexts``); by default the batch's UMT5 prompts, the null
+    prompt where dropped.
     """
     x0 = batch.target
     draws = [draw(timesteps, x0.shape[1:], sample_generator(seed, step, p), prompt_dropout) for p in batch.positions]
     noise = torch.stack([d[0] for d in draws]).to(x0)  # (B, z, f, h, w)
     s = torch.stack([d[1] for d in draws]).to(x0)  # (B,)
-    dropped = torch.tensor([d[2] for d in draws], device=x0.device).view(-1, 1, 1)
+    dropped = torch.tensor([d[2] for d in draws], device=x0.device)  # (B,)
     s5 = s.view(-1, 1, 1, 1, 1)
     x_s = (1 - s5) * x0 + s5 * noise
     velocity = noise - x0
-    prompt = torch.where(dropped, null_prompt.to(batch.prompt).expand_as(batch.prompt), batch.prompt)
+    if context is None:
+        null = null_prompt.to(batch.prompt).expand_as(batch.prompt)
+        prompt = torch.where(dropped.view(-1, 1, 1), null, batch.prompt)
+    else:
+        prompt = context(dropped).to(x0)
     references = batch.reference_inputs(unwrap(model))
     model_in = target_input(x_s, target_condition(batch.condition, x0))
     image = batch.image_tokens

@@ -11,6 +11,7 @@ One code path from one CPU process to N GPUs x M nodes: processes come from torc
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.tensor import DTensor
 
 from .config import Parallel
 
@@ -116,6 +118,22 @@ def gradient_sync(model: torch.nn.Module, enabled: bool):
     if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not enabled:
         return model.no_sync()
     return contextlib.nullcontext()
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """``clip_grad_norm_`` over parameters of which some may be FSDP-sharded (DTensor) and others
+    replicated (the alignment module's): the norm of all gradients together, one factor for all."""
+    groups = [[p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]]
+    if not all(groups):
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norms = [torch.nn.utils.clip_grad_norm_(group, float("inf")) for group in groups]  # the norms, nothing scaled
+    total = math.sqrt(sum(float(n.full_tensor() if isinstance(n, DTensor) else n) ** 2 for n in norms))
+    scale = max_norm / (total + 1e-6)
+    if scale < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return total
 
 
 def all_mean(value: float, world: World) -> float:

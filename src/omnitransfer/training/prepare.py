@@ -5,6 +5,11 @@ references are resized and resampled to the target's size and frame count, as at
 into the same folder with the same fingerprint (manifest + sha256, model, sizes, shard size, dtype)
 skips the complete shards; a shard only exists once complete, so an interrupted run loses at most the
 shard it was writing. The cache layout is described in `omnitransfer.training.cache`.
+
+For an alignment module (the model folder's ``alignment/``, or the one a training config defines:
+``--alignment CONFIG``) each record also gets what the MLLM reads at its own resolution, and, when the
+module's MLLM is frozen (no LoRA), the MLLM's keys and values over the request before the MetaQueries:
+the expensive part, computed here once instead of at every step (``cache.py`` has the fields).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from .manifest import Record, load_manifest
 if TYPE_CHECKING:  # heavy modules load only when preparing (the CLI's argument checks stay fast)
     import torch
 
+    from ..alignment import TaskAlignment
     from ..pipeline import OmniTransferPipeline
 
 DTYPES = ("float32", "bfloat16")
@@ -57,6 +63,13 @@ def add_prepare_command(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="also store each reference's first-frame conditioning (latent + CLIP tokens): VAP trains on it",
     )
+    p.add_argument(
+        "--alignment",
+        type=Path,
+        metavar="CONFIG",
+        help="a training config (YAML) whose alignment module (its alignment: section, or its model's alignment/) "
+        "the cache is for: also store the MLLM's inputs, and its prefix states when its MLLM is frozen",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run_prepare)
     return p
@@ -75,6 +88,7 @@ def run_prepare(args: argparse.Namespace) -> None:
         device=args.device,
         progress=not args.quiet,
         reference_first_frames=args.reference_first_frames,
+        alignment=args.alignment,
     )
     done = f" ({report.shards_skipped} already complete)" if report.shards_skipped else ""
     print(
@@ -96,8 +110,12 @@ def prepare(
     device: str = "cpu",
     progress: bool = True,
     reference_first_frames: bool = False,
+    alignment: str | Path | None = None,
 ) -> PrepareReport:
-    """Validate ``manifest`` in full, then encode it into the cache folder ``output`` (resuming it)."""
+    """Validate ``manifest`` in full, then encode it into the cache folder ``output`` (resuming it).
+
+    ``alignment``: a training config whose alignment module the cache is for; by default the model
+    folder's own (``alignment/``), if any."""
     start = time.perf_counter()
     if shard_size < 1:
         raise InputError(f"--shard-size {shard_size}: expected at least 1")
@@ -111,8 +129,17 @@ def prepare(
 
     from ..pipeline import OmniTransferPipeline
     from . import cache
+    from .alignment import build_alignment, describe
+    from .config import load_config
 
     pipe = OmniTransferPipeline.from_pretrained(model, device=device, with_transformer=False)  # encoders only
+    aligner = pipe.alignment
+    if alignment is not None:
+        aligner = build_alignment(load_config(alignment), pipe.text_encoder.config.d_model)
+        if aligner is None:
+            raise InputError(f"{alignment}: defines no alignment module (no alignment: section, no alignment/)")
+    if aligner is not None:
+        aligner.to(device)
     s = pipe.settings
     num_frames, height, width = num_frames or s.num_frames, height or s.height, width or s.width
     pipe._check_size(height, width, num_frames)
@@ -130,6 +157,7 @@ def prepare(
         "shard_size": shard_size,
         "dtype": dtype,
         "reference_first_frames": reference_first_frames,
+        "alignment": None if aligner is None else {**describe(aligner), "prefix": aligner.lora is None},
     }
     cache.check_fingerprint(output, fingerprint)
     output.mkdir(parents=True, exist_ok=True)
@@ -138,7 +166,7 @@ def prepare(
     if not (output / cache.PREPARE_FILE).is_file():
         cache.write_json(output / cache.PREPARE_FILE, fingerprint)
 
-    encoder = _Encoder(pipe, num_frames, height, width, reference_first_frames)
+    encoder = _Encoder(pipe, num_frames, height, width, reference_first_frames, aligner)
     shards = [range(first, min(first + shard_size, len(records))) for first in range(0, len(records), shard_size)]
     skipped = _write_shards(output, records, shards, encoder, getattr(torch, dtype), progress)
     if not (output / cache.EXTRA_FILE).is_file():
@@ -155,6 +183,7 @@ def prepare(
         "latent_channels": pipe.codec.latent_channels,
         "dtype": dtype,
         "reference_first_frames": reference_first_frames,
+        "alignment": fingerprint["alignment"],
         cache.NULL_PROMPT: cache.EXTRA_FILE,
     }
     cache.write_index(output, header, [_entry(r, cache.shard_name(i // shard_size)) for i, r in enumerate(records)])
@@ -211,21 +240,37 @@ class _Encoder:
     """Encodes records into their cache fields. Each distinct input (video, first frame, prompt) is
     encoded once and kept, on the CPU, until the last record of the run that uses it."""
 
-    def __init__(self, pipe: OmniTransferPipeline, num_frames: int, height: int, width: int, reference_first: bool):
+    def __init__(
+        self,
+        pipe: OmniTransferPipeline,
+        num_frames: int,
+        height: int,
+        width: int,
+        reference_first: bool,
+        alignment: TaskAlignment | None = None,
+    ):
         self.pipe, self.size, self.reference_first = pipe, (num_frames, height, width), reference_first
+        self.alignment = alignment
         self._decoded: tuple[Path | None, object] = (None, None)  # the last video's frames (T, H, W, 3)
 
     def _inputs(self, record: Record) -> list[tuple[str, tuple]]:
         """(field, input key) for each field of a record; fields with equal keys share one encoding."""
         items = [("target", ("video", record.target)), ("prompt", ("text", record.prompt))]
+        first = None
         if record.image is not None:
-            items.append(("first_frame", ("image", record.image)))
+            first = ("image", record.image)
         elif record.image_from_target:
-            items.append(("first_frame", ("first frame of", record.target)))
+            first = ("first frame of", record.target)
+        if first is not None:
+            items.append(("first_frame", first))
         for j, (path, caption) in enumerate(zip(record.references, record.reference_prompts)):
             items += [(f"reference.{j}", ("video", path)), (f"reference_prompt.{j}", ("text", caption))]
             if self.reference_first:
                 items.append((f"reference_first_frame.{j}", ("first frame of", path)))
+            if self.alignment is not None:
+                items.append((f"mllm_reference.{j}", ("mllm video", path)))
+        if self.alignment is not None and first is not None:
+            items.append(("mllm_first_frame", ("mllm " + first[0], first[1])))
         return items
 
     def encode(self, records: list[Record]) -> Iterator[dict[str, torch.Tensor]]:
@@ -246,14 +291,29 @@ class _Encoder:
                     fields[field] = values[key]
             for key in [k for k in values if last_use[k] == r]:
                 del values[key]
+            if self.alignment is not None and self.alignment.lora is None:  # a frozen MLLM: its prefix states
+                from .cache import mllm_request
+
+                request = mllm_request(
+                    record.tasks, fields.get, len(record.references), record.has_image, self.size[0], record.prompt
+                )
+                prefix = self.alignment.prefix(self.alignment.inputs(request))
+                fields["mllm_prefix"], fields["mllm_prefix_ids"] = prefix.states, prefix.input_ids
             yield fields
 
     def _compute(self, kind: str, source):
+        import torch
+
         n, h, w = self.size
         if kind == "text":
             return _text(self.pipe, source)
         if kind == "video":  # (z, f, h, w)
             return self.pipe.encode_frames(self._frames(source))[0].cpu()
+        if kind == "mllm video":  # uint8 (frames_per_reference, h', w', 3)
+            return torch.tensor(self.alignment.fit_reference(self._frames(source)))
+        if kind.startswith("mllm "):  # uint8 (h', w', 3)
+            image = self._frames(source)[0] if kind == "mllm first frame of" else self.pipe._load_image(source, h, w)
+            return torch.tensor(self.alignment.fit_image(image))
         image = self._frames(source)[0] if kind == "first frame of" else source
         latent, tokens = self.pipe.encode_first_frame(image, n, h, w)
         return latent[0].cpu(), tokens[0].float().cpu()  # (z, f, h, w), (N, image_dim)

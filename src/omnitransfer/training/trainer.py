@@ -7,6 +7,7 @@ import resource
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,10 +17,10 @@ from ..codecs import load_codec, to_uint8
 from ..conditioning import target_condition
 from ..errors import InputError
 from ..methods import get_method, load_transformer
-from ..pipeline import EMBEDDED_MODEL
 from ..sampling import denoise, make_scheduler
 from ..transformer import OmniTransferTransformer
 from ..video import save_video
+from . import alignment as aligning
 from .batches import BatchPlan, collate
 from .cache import LatentCache
 from .checkpoint import (
@@ -27,6 +28,7 @@ from .checkpoint import (
     checkpoints,
     clean_name,
     export_model,
+    load_alignment_state,
     load_model_state,
     load_optimizer_state,
     merge_lora,
@@ -36,18 +38,25 @@ from .checkpoint import (
 from .config import Stage, TrainConfig
 from .ema import EMA
 from .objective import flow_matching_loss
-from .parallelize import World, all_mean, autocast, barrier, gradient_sync, init_world, input_dtype, parallelize, unwrap
+from .parallelize import (
+    World,
+    all_mean,
+    autocast,
+    barrier,
+    clip_grad_norm,
+    gradient_sync,
+    init_world,
+    input_dtype,
+    parallelize,
+    unwrap,
+)
 
 VALIDATION_FPS = 8
 
 
-def _model_folder(name: str) -> Path:
-    return EMBEDDED_MODEL if name == "embedded" else Path(name)
-
-
 def starting_transformer(config: TrainConfig) -> OmniTransferTransformer:
     """The starting transformer (fp32 master weights), with LoRA adapters when configured."""
-    folder = Path(config.init_transformer) if config.init_transformer else _model_folder(config.model) / "transformer"
+    folder = Path(config.init_transformer) if config.init_transformer else config.model_folder / "transformer"
     if not folder.is_dir():
         raise InputError(f"{folder}: no transformer folder to start from (config 'model' / 'init_transformer')")
     model = load_transformer(config.method, folder, torch.float32)
@@ -59,9 +68,12 @@ def starting_transformer(config: TrainConfig) -> OmniTransferTransformer:
     return model
 
 
-def architecture(model: OmniTransferTransformer, config: TrainConfig) -> dict:
+def architecture(model: OmniTransferTransformer, config: TrainConfig, alignment=None) -> dict:
     arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items() if not k.startswith("_")}
-    return {**arch, "lora_rank": config.lora.rank}
+    arch["lora_rank"] = config.lora.rank
+    if alignment is not None:
+        arch["alignment"] = aligning.architecture(alignment)
+    return arch
 
 
 def trainable_names(model: torch.nn.Module, stage: Stage, lora: bool) -> set[str]:
@@ -79,7 +91,7 @@ def trainable_names(model: torch.nn.Module, stage: Stage, lora: bool) -> set[str
         if stage.trainable == "all" or (stage.trainable == "blocks" and in_blocks):
             if not lora or not in_blocks or ".lora_" in clean:
                 names.add(name)
-        # "connector": the alignment module, which this model does not have
+        # "connector": the alignment module's (``TaskAlignment.set_trainable``), none of this model
     return names
 
 
@@ -88,12 +100,17 @@ def learning_rate(config: TrainConfig, stage: Stage, step_in_stage: int) -> floa
     return base * min(1.0, (step_in_stage + 1) / max(1, config.optim.warmup_steps))
 
 
-def make_optimizer(model: torch.nn.Module, names: set[str], config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, names: set[str], config: TrainConfig) -> torch.optim.Optimizer | None:
+    """AdamW over ``names`` (the only parameters left requiring gradients); None when there are none."""
     for name, p in model.named_parameters():
         p.requires_grad_(name in names)
     params = [p for name, p in model.named_parameters() if name in names]
     o = config.optim
-    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps) if params else None
+
+
+def _params(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    return [] if optimizer is None else [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def memory_mb(world: World) -> float:
@@ -156,18 +173,48 @@ class Trainer:
         self.end = min(config.total_steps, max_steps) if max_steps is not None else config.total_steps
 
         plain = starting_transformer(config)
-        self.architecture = architecture(plain, config)
+        self.alignment = aligning.build_alignment(config, plain.config.text_dim)
+        self.use_prefix = False
+        if self.alignment is not None:  # replicated on every process, whatever the DiT's strategy
+            if any(s.aligned and s.steps for s in config.stages):
+                prefix = aligning.check_cache(self.cache.info, self.alignment, config.data)
+                self.use_prefix = prefix and (config.alignment is None or config.alignment.cached_prefix)
+            self.alignment.to(self.world.device)
+        self.architecture = architecture(plain, config, self.alignment)
         if self.resume_from is not None:  # before any step: a checkpoint of another architecture stops here
             check_architecture(self.resume_from, read_meta(self.resume_from), self.architecture)
         self.model = parallelize(plain, config.parallel, self.world)
-        self.ema = EMA(unwrap(self.model), config.ema_decay, clean_name) if config.ema_decay else None
+        self.ema = self.alignment_ema = None
+        if config.ema_decay:
+            named = ((clean_name(n), p) for n, p in unwrap(self.model).named_parameters())
+            self.ema = EMA(named, config.ema_decay)
+            if self.alignment is not None:
+                self.alignment_ema = EMA(self.alignment.trainable_parameters("all").items(), config.ema_decay)
         self.logger = Logger(self.output, self.world)
         self.history: list[tuple[int, float]] = []  # (step, loss) of every step of this run
         self._codec = None  # the VAE for validation videos, loaded at the first validation
 
+    def _context(self, stage: Stage, batch):
+        """The target's context from the samples' dropout decisions: the alignment module's in a stage that
+        trains it, else None (the batch's UMT5 features)."""
+        if self.alignment is None or not stage.aligned:
+            return None
+        return partial(aligning.target_contexts, self.alignment, batch, use_prefix=self.use_prefix)
+
+    def _optimizers(self, stage: Stage) -> tuple:
+        """AdamW over the DiT weights and over the alignment module's weights ``stage`` trains (None: none)."""
+        model = unwrap(self.model)
+        dit = make_optimizer(model, trainable_names(model, stage, self.config.lora.rank > 0), self.config)
+        if self.alignment is None:
+            return dit, None
+        names = set(self.alignment.set_trainable(stage.trainable))
+        return dit, make_optimizer(self.alignment, names, self.config)
+
     # -- one optimisation step ----------------------------------------------------------------------
-    def _step(self, step: int, optimizer) -> dict:
+    def _step(self, step: int, stage: Stage, optimizers: tuple) -> dict:
         config, world = self.config, self.world
+        dit_optimizer, alignment_optimizer = optimizers
+        model = self.model if dit_optimizer is not None else unwrap(self.model)  # a frozen DiT: no DDP reduction
         indices = self.plan.batch(step)
         per_rank = len(indices) // world.size
         mine = list(range(world.rank * per_rank, (world.rank + 1) * per_rank))  # positions in the global batch
@@ -178,19 +225,23 @@ class Trainer:
             batch = collate([self.cache[indices[p]] for p in chunk], chunk).to(world.device, torch.float32)
             grid = unwrap(self.model).token_grid
             tokens += len(chunk) * sum(math.prod(grid(x)) for x in [batch.target, *batch.references])
-            with gradient_sync(self.model, n == len(chunks) - 1), autocast(config.parallel, world):
+            with gradient_sync(model, n == len(chunks) - 1), autocast(config.parallel, world):
                 loss = flow_matching_loss(
-                    self.model, batch, null, config.timesteps, config.prompt_dropout, config.seed, step,
-                    input_dtype(config.parallel, world),
+                    model, batch, null, config.timesteps, config.prompt_dropout, config.seed, step,
+                    input_dtype(config.parallel, world), self._context(stage, batch),
                 )  # fmt: skip
                 (loss * len(chunk) / per_rank).backward()
             total += loss.item() * len(chunk) / per_rank
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update()
+        aligner_params = _params(alignment_optimizer)
+        aligning.average_gradients(aligner_params, world)
+        grad_norm = clip_grad_norm(_params(dit_optimizer) + aligner_params, config.optim.grad_clip)
+        for optimizer in optimizers:
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        for ema in (self.ema, self.alignment_ema):
+            if ema is not None:
+                ema.update()
         return {"loss": all_mean(total, world), "grad_norm": float(grad_norm), "tokens": tokens * world.size}
 
     # -- the loop -------------------------------------------------------------------------------------
@@ -199,39 +250,39 @@ class Trainer:
         self.output.mkdir(parents=True, exist_ok=True)
         if world.is_main:
             (self.output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        step, stage_index, optimizer = 0, None, None
+        step, stage_index, optimizers = 0, None, (None, None)
         meta = None
         if self.resume_from is not None:  # the weights now (even if nothing is left to train), AdamW with its stage
             meta = load_model_state(self.resume_from, self.model, self.ema)
+            if self.alignment is not None:
+                load_alignment_state(self.resume_from, self.alignment, self.alignment_ema)
             step = meta["step"]
         busy, samples_since, tokens_since = 0.0, 0, 0  # throughput counts step time only (not checkpoints)
         while step < self.end:
             index, stage = config.stage_at(step)
             stage_start = sum(s.steps for s in config.stages[:index])
             if index != stage_index:
-                names = trainable_names(unwrap(self.model), stage, config.lora.rank > 0)
+                optimizers = self._optimizers(stage)
                 stage_index = index
-                if not names:
+                if optimizers == (None, None):
                     self.logger.log(step, {"stage": stage.name, "skipped": "no parameters (no alignment module)"})
                     step = stage_start + stage.steps
                     continue
-                optimizer = make_optimizer(unwrap(self.model), names, config)
                 if meta is not None:  # resuming: the optimizer state belongs to this stage only if it was saved in it
                     if meta["stage"] == stage.name and step > stage_start:
-                        load_optimizer_state(self.resume_from, self.model, optimizer)
+                        parts = zip((self.model, self.alignment), optimizers, ("", "alignment_"))
+                        for module, optimizer, prefix in parts:
+                            if optimizer is not None:
+                                load_optimizer_state(self.resume_from, module, optimizer, prefix)
                     meta = None
-                self.logger.log(
-                    step,
-                    {
-                        "stage": stage.name,
-                        "trainable_params": sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
-                    },
-                )
+                trainable = sum(p.numel() for optimizer in optimizers for p in _params(optimizer))
+                self.logger.log(step, {"stage": stage.name, "trainable_params": trainable})
             lr = learning_rate(config, stage, step - stage_start)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for optimizer in optimizers:
+                for group in [] if optimizer is None else optimizer.param_groups:
+                    group["lr"] = lr
             started = time.perf_counter()
-            stats = self._step(step, optimizer)
+            stats = self._step(step, stage, optimizers)
             busy += time.perf_counter() - started
             self.history.append((step, stats["loss"]))
             step += 1
@@ -245,26 +296,39 @@ class Trainer:
                 })  # fmt: skip
                 busy, samples_since, tokens_since = 0.0, 0, 0
             if step % config.checkpoint_every == 0 or step == self.end:
-                self._checkpoint(step, stage, optimizer)
+                self._checkpoint(step, stage, optimizers)
             if config.validate_every and step % config.validate_every == 0:
                 self.validate(step)
         model_dir = self.export()
         self.logger.close()
         return model_dir
 
-    def _checkpoint(self, step: int, stage: Stage, optimizer) -> None:
+    def _checkpoint(self, step: int, stage: Stage, optimizers: tuple) -> None:
         extra = {
             "architecture": self.architecture,
             "seed": self.config.seed,
             "rng": "counter-based (seed, step, position)",
         }
-        save_checkpoint(self.ckpt_dir, step, stage.name, self.model, optimizer, self.ema, self.world, extra)
+        alignment = None if self.alignment is None else (self.alignment, optimizers[1], self.alignment_ema)
+        save_checkpoint(
+            self.ckpt_dir, step, stage.name, self.model, optimizers[0], self.ema, self.world, extra, alignment
+        )
         if self.world.is_main:
             for old in checkpoints(self.ckpt_dir)[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def _exports_alignment(self) -> bool:
+        """Whether the export carries the alignment module: one trained before (the model folder's), or
+        one this run trained (some aligned stage has begun before the run's end)."""
+        if self.alignment is None:
+            return False
+        starts = [sum(s.steps for s in self.config.stages[:i]) for i in range(len(self.config.stages))]
+        begun = any(s.aligned and s.steps and start < self.end for s, start in zip(self.config.stages, starts))
+        return self.config.alignment is None or begun
+
     def export(self) -> Path | None:
-        """The trained transformer (EMA weights if kept, LoRA merged) as a loadable model folder."""
+        """The trained transformer (EMA weights if kept, LoRA merged) as a loadable model folder, with the
+        alignment module (``alignment/``, ``mllm``: the absolute path of its Qwen2.5-VL folder) when trained."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         from .checkpoint import FULL
@@ -277,31 +341,45 @@ class Trainer:
             return None
         if self.config.lora.rank > 0:
             state = merge_lora(state, (self.config.lora.alpha or self.config.lora.rank) / self.config.lora.rank)
-        arch = {k: v for k, v in self.architecture.items() if k != "lora_rank"}
+        arch = {k: v for k, v in self.architecture.items() if k not in ("lora_rank", "alignment")}
         info = self.cache.info
         settings = {"height": info["height"], "width": info["width"], "num_frames": info["num_frames"],
                     "text_max_length": info["text_max_length"]}  # fmt: skip
-        base = str(_model_folder(self.config.model).resolve())
+        base = str(self.config.model_folder.resolve())
         settings["method"] = self.config.method
-        folder = export_model(self.output / "model", state, arch, base, settings, get_method(self.config.method).model)
+        write_more = None
+        if self._exports_alignment():
+            settings["mllm"] = str(self.alignment.mllm_folder)
+            weights = None if self.alignment_ema is None else self.alignment_ema.full_state()
+            write_more = partial(_save_alignment, self.alignment, weights)
+        model_class = get_method(self.config.method).model
+        folder = export_model(self.output / "model", state, arch, base, settings, model_class, write_more)
         print(f"exported {folder}", flush=True)
         return folder
 
     @torch.no_grad()
     def validate(self, step: int) -> None:
         """Validation videos of the first cached samples (guidance 5, UniPC). Every process runs the model
-        (FSDP gathers weights inside forward); the main one decodes with the base model's VAE."""
+        (FSDP gathers weights inside forward); the main one decodes with the base model's VAE. The target's
+        context is the current stage's: the alignment module's (the unconditional one without the prompt)
+        in an aligned stage, UMT5's otherwise."""
         if self.world.is_main and self._codec is None:  # loaded once, alone (not the whole pipeline)
-            self._codec = load_codec(_model_folder(self.config.model) / "vae")
+            self._codec = load_codec(self.config.model_folder / "vae")
             self._codec.module.to(self.world.device)
         model = unwrap(self.model)  # DDP's wrapper is for training; its module samples as is
         null = self.cache.null_prompt.to(self.world.device)
+        stage = self.config.stage_at(step - 1)[1]
         for i in range(min(self.config.validation_samples, len(self.cache))):
             batch = collate([self.cache[i]], [0]).to(self.world.device, torch.float32)
+            context = self._context(stage, batch)
+            if context is None:
+                text = torch.cat([batch.prompt, null[None]])
+            else:
+                text = torch.cat([context(torch.tensor([drop])) for drop in (False, True)])
             noise = torch.randn(batch.target.shape, generator=torch.Generator().manual_seed(self.config.seed))
             latents = denoise(
                 model, noise.to(batch.target), target_condition(batch.condition, batch.target),
-                torch.cat([batch.prompt, null[None]]), batch.image_tokens, batch.reference_inputs(model),
+                text, batch.image_tokens, batch.reference_inputs(model),
                 make_scheduler("unipc", 3.0), self.config.validation_steps, 5.0,
                 use_reference_cache=False, progress=False, dtype=input_dtype(self.config.parallel, self.world),
             )  # fmt: skip
@@ -309,3 +387,7 @@ class Trainer:
                 folder = self.output / "validation" / f"step-{step:08d}"
                 save_video(to_uint8(self._codec.decode(latents)), folder / f"sample-{i:03d}.mp4", VALIDATION_FPS)
         barrier(self.world)
+
+
+def _save_alignment(alignment, weights, folder: Path) -> None:
+    alignment.save_pretrained(folder / aligning.ALIGNMENT_FOLDER, weights)
