@@ -8,7 +8,9 @@
 # 2. training data: `omnitransfer synth` (train split, all five tasks), then `omnitransfer prepare`
 #                                          -> outputs/embedded-data, outputs/embedded-cache
 # 3. the DiT: `omnitransfer train --config configs/embedded.yaml` -> outputs/embedded-dit (model/ at the end)
-# 4. a look at it: PNG strips of one test case per task -> outputs/embedded-dit/strips/
+# 4. a look at it and its scores: `omnitransfer demo` (per-task pictures) and `omnitransfer benchmark transfer`
+#                                          -> outputs/embedded-dit/demo, outputs/embedded-dit/benchmark.json
+# 5. install it as the package's embedded model  -> src/omnitransfer/embedded
 #
 # Knobs (environment): THREADS (default 1: the machine is shared),
 # COUNT (training samples per task, 600), DIT_STEPS (the config's steps unless set), DEVICE (cpu; cuda
@@ -52,6 +54,10 @@ log "train"
 "${OMNI[@]}" train --config configs/embedded.yaml --output $OUT/embedded-dit "${RESUME[@]}" "${SET[@]}"
 
 # 4. look at it
-log "strips"
-"$PY" scripts/embedded/sample_strips.py --model $OUT/embedded-model --run $OUT/embedded-dit
-log "done: $OUT/embedded-dit/model"
+log "demo and benchmark"
+"${OMNI[@]}" demo --model $OUT/embedded-dit/model --output $OUT/embedded-dit/demo --photo samples/camera_ref1.jpg
+"${OMNI[@]}" benchmark transfer --model $OUT/embedded-dit/model --output $OUT/embedded-dit/benchmark.json
+
+# 5. ship it: the package's embedded model (what `omnitransfer generate` uses without --model)
+"$PY" scripts/embedded/install.py --model $OUT/embedded-dit/model
+log "done"
