@@ -25,9 +25,6 @@ read as before.
 from __future__ import annotations
 
 import json
-import os
-import secrets
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +34,7 @@ from safetensors.torch import save_file
 
 from ..alignment import Prefix, Request
 from ..errors import InputError
+from ..files import atomic_path, write_json
 from ..tasks import Task
 
 VERSION = 1
@@ -60,23 +58,6 @@ def key(record: int, field: str) -> str:
 # ---------------------------------------------------------------------------- writing
 
 
-@contextmanager
-def _atomic(path: Path):
-    """Yield a hidden temporary path beside ``path``; renamed onto ``path`` only if the block succeeds."""
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:  # Ctrl-C included: never a partial file under the final name
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: dict, indent: int | None = 1) -> None:
-    with _atomic(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=indent) + "\n")
-
-
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
     """Atomically save CPU tensors, floating ones in ``dtype`` (frames and token ids keep theirs); a
     tensor stored under two keys is copied (safetensors)."""
@@ -87,7 +68,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dty
             tensor = tensor.clone()
         seen.add(tensor.data_ptr())
         out[name] = tensor
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file(out, tmp)
 
 
