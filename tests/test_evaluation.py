@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,8 +179,12 @@ def test_photo_camera_transfer_scores_the_generated_video(pipe, tmp_path):
     from omnitransfer.synthetic.metrics import camera_errors
     from omnitransfer.video import read_image
 
-    photo = "samples/camera_ref1.jpg"
-    results = photo_camera_transfer(pipe, [photo], tmp_path, steps=2, log=lambda line: None)
+    photo = Path(__file__).resolve().parents[1] / "samples" / "camera_ref1.jpg"
+    twin = tmp_path / "elsewhere" / "camera_ref1.jpg"  # same stem, another folder: its own files
+    twin.parent.mkdir()
+    Image.open(photo).transpose(Image.FLIP_LEFT_RIGHT).save(twin)
+    results = photo_camera_transfer(pipe, [photo, twin], tmp_path, steps=2, log=lambda line: None)
+    assert (tmp_path / "photo-camera" / "camera_ref1_.png").is_file() and len(results) == 2
     strip = np.asarray(Image.open(tmp_path / "photo-camera" / "camera_ref1.png"))
     assert strip.shape == (3 * 2 * H + 2 * SEPARATOR, 5 * 2 * W + 4 * SEPARATOR, 3)  # reference, photo, generated
     assert video_info(tmp_path / "photo-camera" / "camera_ref1.mp4")[:3] == (F, H, 3 * W + 2 * SEPARATOR)

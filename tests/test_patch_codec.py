@@ -47,10 +47,11 @@ def test_components_are_orthonormal_and_beat_pooling(codec, clips):
     assert abs(float(codec.encode(clips).std()) - 1.0) < 1e-3  # the global scale normalises
     recon = codec.decode(codec.encode(clips))
     mse = (recon - clips).pow(2).mean()
-    # same 8-number-per-block budget spent on block means of an RGB image: strictly worse
-    pooled = torch.nn.functional.avg_pool3d(clips[:, :, 1:], (4, 8, 8))
+    # block means (3 numbers per 4x8x8 block, fewer than the codec's 8) code the later frames worse
+    rest = clips[:, :, 1:]
+    pooled = torch.nn.functional.avg_pool3d(rest, (4, 8, 8))
     pooled = pooled.repeat_interleave(4, 2).repeat_interleave(8, 3).repeat_interleave(8, 4)
-    assert mse < (pooled - clips[:, :, 1:]).pow(2).mean()
+    assert (recon[:, :, 1:] - rest).pow(2).mean() < (pooled - rest).pow(2).mean()
     # a random orthonormal basis of the same size codes far worse than the principal one
     random = PatchCodec.fit(clips, latent_channels=8)
     random.group_basis.copy_(torch.linalg.qr(torch.randn_like(random.group_basis))[0])

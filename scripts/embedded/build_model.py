@@ -25,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from omnitransfer.files import replace_folder
 from omnitransfer.tiny import TinySize
 
 #: The embedded model's size. Transformer: 6 Wan blocks of width 192 (4 heads x 48), FFN 768: 4.4 M
@@ -70,9 +71,7 @@ def build(output: Path, seed: int = 0, fit_clips: int = 40) -> Path:
             staging = tiny.build_tiny_wan_i2v(Path(tmp) / "model", seed=seed, size=SIZE)
             shutil.rmtree(staging / "vae")
             codec.save_pretrained(staging / "vae")
-            if output.exists():
-                shutil.rmtree(output)
-            shutil.move(str(staging), str(output))
+            replace_folder(staging, output)
     finally:
         tiny.TINY_VOCAB = original
     return output

@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from omnitransfer.files import replace_folder
+
 ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED = ROOT / "src" / "omnitransfer" / "embedded"
 CARD = Path(__file__).resolve().with_name("MODEL_CARD.md")
@@ -37,10 +39,7 @@ def install(model: Path, output: Path = EMBEDDED) -> Path:
         megabytes = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()) / 2**20
         if megabytes > LIMIT_MB:
             raise SystemExit(f"{model}: the installed folder would be {megabytes:.1f} MB (limit {LIMIT_MB} MB)")
-        aside = Path(tmp) / "old"
-        if output.exists():
-            output.rename(aside)
-        staging.rename(output)
+        replace_folder(staging, output)
     print(f"installed {model} -> {output} ({megabytes:.1f} MB)")
     return output
 

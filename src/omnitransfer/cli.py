@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -208,8 +209,14 @@ def _benchmark_transfer(args: argparse.Namespace) -> None:
     names = [name for item in args.tasks for name in item.split(",") if name.strip()]
     everything = [name.strip().lower() for name in names] == ["all"]
     tasks = evaluation.check_options(list(Task) if everything else names, args.count, args.steps)
-    if args.output is not None and (args.output.suffix.lower() != ".json" or args.output.is_dir()):
-        raise InputError(f"--output {args.output}: expected a .json file path")
+    if args.output is not None:
+        if args.output.suffix.lower() != ".json" or args.output.is_dir():
+            raise InputError(f"--output {args.output}: expected a .json file path")
+        folder = args.output.parent
+        while not folder.exists():  # the nearest existing folder must take the report (checked before hours of work)
+            folder = folder.parent
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(f"--output {args.output}: {folder} is not writable")
     start = time.perf_counter()
     pipe = _load_pipeline(args.model, args.device)
     records = evaluation.run_benchmark(pipe, tasks, args.count, args.steps, args.seed, progress=not args.quiet)

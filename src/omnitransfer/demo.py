@@ -104,8 +104,9 @@ def photo_camera_transfer(
     """Transfer the camera path of test sample ``index`` onto real photographs used as first frames.
 
     Per photo, under ``output/photo-camera/``: ``<stem>.mp4`` (reference | photo held still | generated) and
-    ``<stem>.png`` (those rows, evenly spaced frames). Returns, per photo, the camera-path error of the
-    generated video and of the photo held still (``synthetic.metrics.camera_errors`` against the true path).
+    ``<stem>.png`` (those rows, evenly spaced frames); a repeated stem gets a ``_`` appended. Returns, per
+    photo, the camera-path error of the generated video and of the photo held still
+    (``synthetic.metrics.camera_errors`` against the true path).
     """
     from .pipeline import Reference
     from .synthetic.camera import CameraPath
@@ -116,8 +117,12 @@ def photo_camera_transfer(
     t, h, w, _ = sample.target.shape
     path = CameraPath.from_json(sample.truth["path"])
     folder = output / "photo-camera"
-    results = []
+    results, names = [], set()
     for photo in photos:
+        name = Path(photo).stem
+        while name in names:  # photos of the same name from different folders keep their own files
+            name += "_"
+        names.add(name)
         frame = read_image(photo, h, w)
         generated = pipe(
             references=[Reference(Task.CAMERA, sample.reference, sample.reference_prompt)],
@@ -127,8 +132,8 @@ def photo_camera_transfer(
         still = held_still(frame, t)
         videos = [sample.reference, still, generated]
         folder.mkdir(parents=True, exist_ok=True)
-        save_video(comparison_video(videos), folder / f"{Path(photo).stem}.mp4", fps=pipe.settings.fps)
-        _save_png(comparison_strip(videos), folder / f"{Path(photo).stem}.png")
+        save_video(comparison_video(videos), folder / f"{name}.mp4", fps=pipe.settings.fps)
+        _save_png(comparison_strip(videos), folder / f"{name}.png")
         result = {
             "photo": str(photo),
             "kind": sample.kind,
@@ -136,7 +141,7 @@ def photo_camera_transfer(
             "still_corner_error_px": camera_errors(still, path)["corner_error_px"],
         }
         generated_error, still_error = result["generated_corner_error_px"], result["still_corner_error_px"]
-        log(f"{folder / Path(photo).stem}.png: {sample.kind} path, corner error {generated_error:.2f} px"
+        log(f"{folder / name}.png: {sample.kind} path, corner error {generated_error:.2f} px"
             f" (photo held still: {still_error:.2f} px)")  # fmt: skip
         results.append(result)
     return results

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,3 +29,14 @@ def write_json(path: str | os.PathLike, data, indent: int | None = 1) -> None:
     """``data`` as JSON (one trailing newline), written atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=indent) + "\n")
+
+
+def replace_folder(new: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put the complete folder ``new`` at ``final``: the old one is moved aside first and deleted last,
+    so a kill at any moment leaves a complete folder at ``final`` or beside it."""
+    new, final = Path(new), Path(final)
+    old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
