@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -118,6 +119,8 @@ def test_bad_requests_are_refused(qwen_dir):
         alignment.prepare(["camera", "id"], [refs[0], refs[1].astype(np.float32)], first, prompt)
     with pytest.raises(InputError, match="no sentence"):
         AlignmentConfig(templates={"id": "x"})
+    with pytest.raises(InputError, match=r"unknown tasks \['zoom'\].*id, style, effect, camera, motion"):
+        AlignmentConfig(templates={**DEFAULT_TEMPLATES, "zoom": "Zoom in."})
     with pytest.raises(InputError, match="hidden_layer 3"):
         _alignment(qwen_dir, hidden_layer=3)  # 2 layers: hidden states 0 (embeddings) to 2
 
@@ -211,8 +214,9 @@ def test_reference_branch_never_sees_the_alignment_context(qwen_dir, tiny_wan):
 
 
 def test_connector_stage_trains_only_alignment_weights(qwen_dir, tiny_wan):
-    """Stage "connector": gradients reach the connector, every task's MetaQueries used, and the LoRA
-    factors, through the frozen MLLM; neither the MLLM's base weights nor the DiT get any."""
+    """Stage "connector": gradients reach the connector, the MetaQueries of the tasks asked for, and the
+    LoRA factors, through the frozen MLLM; neither the MLLM's base weights, the other tasks' MetaQueries
+    (one parameter per task: their gradient stays None) nor the DiT get any."""
     alignment = _alignment(qwen_dir)
     _add_random_lora(alignment)
     dit = OmniTransferTransformer.from_wan(tiny_wan).requires_grad_(False)
@@ -220,25 +224,23 @@ def test_connector_stage_trains_only_alignment_weights(qwen_dir, tiny_wan):
     trained = alignment.set_trainable("connector")
     assert set(trained) == set(alignment.trainable_parameters("all"))
     names = set(trained)
-    assert "queries" in names and any(n.startswith("connector.") for n in names)
+    queries = {f"queries.{t.value}" for t in Task}
+    assert queries <= names and any(n.startswith("connector.") for n in names)
     lora = {n for n in names if ".lora_" in n}
     assert lora and all(".language_model." in n and ".self_attn." in n for n in lora)  # not the vision tower
-    assert names == {"queries"} | {n for n in names if n.startswith("connector.")} | lora
+    assert names == queries | {n for n in names if n.startswith("connector.")} | lora
 
     refs, first, prompt = _request()
     context = alignment.encode(["style", "camera"], refs, first, prompt)
     target, references = _dit_inputs()
     dit(**target, encoder_hidden_states=context, references=references).sample.square().mean().backward()
 
+    reached = names - {"queries.id", "queries.effect", "queries.motion"}
     for name, p in alignment.named_parameters():
-        if name in names:
+        if name in reached:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert p.grad is None, name
-    used = [list(Task).index(Task.STYLE), list(Task).index(Task.CAMERA)]
-    unused = [i for i in range(len(Task)) if i not in used]
-    grad = alignment.queries.grad.abs().sum(dim=(1, 2))  # per task row
-    assert (grad[used] > 0).all() and (grad[unused] == 0).all()
     assert all(p.grad is None for p in dit.parameters())
 
     alignment.set_trainable("blocks")  # stage 1: nothing here trains, encoding runs without a graph
@@ -317,3 +319,33 @@ def test_own_weights_round_trip(qwen_dir, tmp_path):
     with torch.no_grad():
         fresh = _alignment(qwen_dir, hidden_layer=-2).encode(["effect", "id"], refs, first, prompt)
     assert (fresh - expected).abs().max() > 1e-3  # the stored weights matter
+
+    # The former layout, one (tasks, Q, hidden) table in task order, still loads.
+    table = torch.stack([stored.pop(f"queries.{t.value}") for t in Task])
+    save_file({**stored, "queries": table}, folder / WEIGHTS_FILE)
+    with torch.no_grad():
+        again = TaskAlignment.from_pretrained(folder, qwen_dir).encode(["effect", "id"], refs, first, prompt)
+    assert torch.equal(again, expected)
+
+
+def test_malformed_alignment_folder_is_one_line(qwen_dir, tmp_path):
+    """A damaged alignment/ (settings or weights) stops with one line naming the folder."""
+    folder = _alignment(qwen_dir).save_pretrained(tmp_path / "alignment")
+    meta, weights = json.loads((folder / CONFIG_FILE).read_text()), load_file(folder / WEIGHTS_FILE)
+    broken = {
+        "a setting missing": lambda: (folder / CONFIG_FILE).write_text(
+            json.dumps({k: v for k, v in meta.items() if k != "text_dim"})
+        ),
+        "an unknown option": lambda: (folder / CONFIG_FILE).write_text(
+            json.dumps({**meta, "config": {**meta["config"], "queries": 3}})
+        ),
+        "truncated weights": lambda: (folder / WEIGHTS_FILE).write_bytes((folder / WEIGHTS_FILE).read_bytes()[:100]),
+        "another shape": lambda: save_file({**weights, "queries.id": weights["queries.id"][:2]}, folder / WEIGHTS_FILE),
+    }
+    for case, damage in broken.items():
+        save_file(weights, folder / WEIGHTS_FILE)
+        (folder / CONFIG_FILE).write_text(json.dumps(meta))
+        damage()
+        with pytest.raises(InputError, match=re.escape(str(folder))) as info:
+            TaskAlignment.from_pretrained(folder, qwen_dir)
+        assert "\n" not in str(info.value), case

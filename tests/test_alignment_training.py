@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from omnitransfer.alignment import WEIGHTS_FILE
+from omnitransfer.alignment import WEIGHTS_FILE, TaskAlignment
 from omnitransfer.errors import InputError
 from omnitransfer.pipeline import OmniTransferPipeline
 from omnitransfer.tasks import Task
 from omnitransfer.tiny import build_tiny_qwen2_5_vl, build_tiny_wan_i2v
-from omnitransfer.training.alignment import target_contexts
+from omnitransfer.training.alignment import check_cache, target_contexts
 from omnitransfer.training.batches import collate
 from omnitransfer.training.cache import LatentCache
 from omnitransfer.training.config import load_config
@@ -98,10 +99,10 @@ def test_stage2_trains_only_the_alignment_module_and_stage3_the_dit_too(world, t
     mllm = trainer.alignment.mllm.state_dict()
     assert all(torch.equal(v, mllm[k]) for k, v in mllm_before.items())  # nor the MLLM's own weights
     own = trainer.alignment.own_state()
-    unchanged = [k for k in own if k != "queries" and torch.equal(own[k], own_before[k])]
+    unchanged = [k for k in own if not k.startswith("queries.") and torch.equal(own[k], own_before[k])]
     assert not unchanged, unchanged  # every connector weight and LoRA factor (A moves once B is non-zero)
-    moved = (own["queries"] != own_before["queries"]).flatten(1).any(dim=1)  # per task row
-    assert moved.tolist() == [t == Task.CAMERA for t in Task]  # only the queries of the task trained on
+    moved = [t for t in Task if not torch.equal(own[f"queries.{t.value}"], own_before[f"queries.{t.value}"])]
+    assert moved == [Task.CAMERA]  # only the queries of the task trained on
 
     resumed = Trainer(_config(world, stages, LORA), tmp_path / "run", resume=True)
     resumed.run()
@@ -109,6 +110,49 @@ def test_stage2_trains_only_the_alignment_module_and_stage3_the_dit_too(world, t
     assert not torch.equal(after["blocks.0.attn1.to_q.weight"], dit_before["blocks.0.attn1.to_q.weight"])
     assert not torch.equal(after["patch_embedding.weight"], dit_before["patch_embedding.weight"])  # "all": every weight
     assert not torch.equal(resumed.alignment.own_state()["connector.0.weight"], own["connector.0.weight"])
+
+
+@pytest.fixture(scope="module")
+def two_tasks(world) -> Path:
+    """A config over a cache of two camera and two motion records: with global_batch 2, each batch has one task."""
+    root = world["root"]
+    tasks = ["camera", "camera", "motion", "motion"]
+    lines = [
+        {"task": t, "reference": f"ref{i}.mp4", "target": f"tgt{i}.mp4", "prompt": PROMPT} for i, t in enumerate(tasks)
+    ]
+    (root / "two.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config = root / "two.yaml"
+    config.write_text(world["config"].read_text().replace(f"data: {world['cache']}", f"data: {root / 'two-cache'}"))
+    prepare(root / "two.jsonl", root / "two-cache", world["wan"], height=32, width=32, num_frames=5, progress=False,
+            alignment=config)  # fmt: skip
+    return config
+
+
+def test_queries_of_a_task_absent_from_a_step_stay_bitwise_unchanged(two_tasks, tmp_path):
+    """Two tasks in turn: AdamW's momentum and weight decay never move the MetaQueries of the task a step
+    lacks (one parameter per task, its gradient left None), and a run stopped before the second task's
+    first step resumes to the same weights (no optimizer state is made up for it)."""
+    sets = ["stages=[{name: connector, steps: 6, trainable: connector}]", "optim.weight_decay=0.1"]
+    whole = Trainer(load_config(two_tasks, sets), tmp_path / "whole")
+    states = [whole.alignment.own_state()]
+    whole.run()
+    states += [load_file(c / "alignment.safetensors") for c in sorted((tmp_path / "whole" / "checkpoints").iterdir())]
+    checked = set()
+    for step, (before, after) in enumerate(zip(states, states[1:])):
+        present = {t.value for t in whole.cache.signature(whole.plan.batch(step)[0])[0]}
+        for task in ("camera", "motion"):
+            moved = not torch.equal(before[f"queries.{task}"], after[f"queries.{task}"])
+            assert moved == (task in present), (step, task)
+            if not moved and not torch.equal(states[0][f"queries.{task}"], before[f"queries.{task}"]):
+                checked.add(task)  # absent after having trained: momentum and weight decay would move it
+    assert checked == {"camera", "motion"}
+
+    first = whole.cache.signature(whole.plan.batch(0)[0])[0]
+    stop = next(s for s in range(6) if whole.cache.signature(whole.plan.batch(s)[0])[0] != first)
+    Trainer(load_config(two_tasks, sets), tmp_path / "stopped", max_steps=stop).run()
+    Trainer(load_config(two_tasks, sets), tmp_path / "stopped", resume=True).run()
+    a, b = _exported(tmp_path / "whole"), _exported(tmp_path / "stopped")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cached_prefix_states_and_the_live_mllm_give_the_same_loss(world, tmp_path):
@@ -196,13 +240,27 @@ def test_mismatches_stop_with_one_line(world, whole, tmp_path):
         Trainer(_config(world, "alignment.queries_per_task=8"), tmp_path / "a")
     with pytest.raises(InputError, match="unknown key 'queries'"):
         _config(world, "alignment.queries=8")
+    with pytest.raises(InputError, match=r"alignment: alignment templates: unknown tasks \['zoom'\].*camera, motion"):
+        _config(world, "alignment.templates={zoom: Zoom in.}")
+    # the MLLM's precision: a float32 cache refuses a bfloat16 module, and the other way round
+    with pytest.raises(InputError, match=r"another alignment module \(dtype='float32', this run: 'bfloat16'\)"):
+        Trainer(_config(world, "alignment.dtype=bfloat16"), tmp_path / "c")
+    info = LatentCache(world["cache"]).info
+    bf16 = {**info, "alignment": {**info["alignment"], "dtype": "bfloat16"}}
+    with pytest.raises(InputError, match=r"\(dtype='bfloat16', this run: 'float32'\)"):
+        check_cache(bf16, whole.alignment, world["cache"])
+    # resuming with ema_decay turned on: the checkpoints hold no averages
+    shutil.copytree(whole.output / "checkpoints", tmp_path / "ema" / "checkpoints")
+    with pytest.raises(InputError, match=r"step-00000004: holds no ema.safetensors .*ema_decay"):
+        Trainer(_config(world, STAGES, LORA, "ema_decay=0.9"), tmp_path / "ema", resume=True).run()
     with pytest.raises(InputError, match="holds a trained alignment module"):  # a section and a trained module
         Trainer(_config(world, f"model={whole.output / 'model'}"), tmp_path / "b")
 
 
 def test_a_model_folder_with_alignment_continues_training_it(world, whole, tmp_path):
     """No alignment section: the model folder's alignment/ (and its mllm setting) is the module."""
-    config = _config(world, f"model={whole.output / 'model'}", "stages=[{name: c, steps: 1, trainable: connector}]")
+    config = _config(world, f"model={whole.output / 'model'}", "stages=[{name: c, steps: 1, trainable: connector}]",
+                     "validate_every=1", "validation_samples=1", "validation_steps=2")  # fmt: skip
     config.alignment = None
     trainer = Trainer(config, tmp_path / "run")
     assert trainer.alignment.lora.rank == 2 and not trainer.use_prefix  # LoRA: the MLLM runs live
@@ -210,3 +268,40 @@ def test_a_model_folder_with_alignment_continues_training_it(world, whole, tmp_p
     assert all(torch.equal(v, exported[k]) for k, v in trainer.alignment.own_state().items())
     trainer.run()
     assert not torch.equal(trainer.alignment.own_state()["connector.0.weight"], exported["connector.0.weight"])
+    # validation decoded with the VAE of the export's base; the new export points at that root, not at an export
+    assert (tmp_path / "run" / "validation" / "step-00000001" / "sample-000.mp4").is_file()
+    folder = tmp_path / "run" / "model"
+    settings = json.loads((folder / "omnitransfer.json").read_text())
+    assert settings["base_model"] == str(world["wan"].resolve())
+    trained = trainer.alignment.own_state()
+    for i, base in enumerate([settings["base_model"], str(whole.output / "model")]):  # the root, or an export
+        (folder / "omnitransfer.json").write_text(json.dumps({**settings, "base_model": base}))
+        pipe = OmniTransferPipeline.from_pretrained(folder)
+        assert all(torch.equal(v, trained[k]) for k, v in pipe.alignment.own_state().items())
+        config = _config(world, f"model={folder}", "stages=[{name: c, steps: 1, trainable: connector}]",
+                         "validation_samples=1", "validation_steps=2")  # fmt: skip
+        config.alignment = None
+        again = Trainer(config, tmp_path / f"again{i}")
+        again.validate(1)
+        assert (again.output / "validation" / "step-00000001" / "sample-000.mp4").is_file()
+
+
+def test_prepare_for_a_config_loads_its_module_only_and_records_the_mllm_precision(world, whole, tmp_path,
+                                                                                  monkeypatch):  # fmt: skip
+    """`prepare --alignment CONFIG` over a model folder with its own alignment/ never loads that module
+    (one MLLM in memory); the cache records the MLLM's dtype, so a bfloat16 module cannot resume it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model folder's alignment module was loaded")
+
+    monkeypatch.setattr(TaskAlignment, "from_pretrained", refuse)
+    cache = tmp_path / "cache"
+    prepare(world["root"] / "manifest.jsonl", cache, whole.output / "model", height=32, width=32, num_frames=5,
+            progress=False, alignment=world["config"])  # fmt: skip
+    assert LatentCache(cache).info["alignment"]["dtype"] == "float32"
+    bf16 = tmp_path / "bf16.yaml"
+    bf16.write_text(world["config"].read_text().replace("lora_rank: 0,", "lora_rank: 0, dtype: bfloat16,"))
+    assert load_config(bf16).alignment.dtype == "bfloat16"
+    with pytest.raises(InputError, match="holds another preparation .*differs in alignment"):
+        prepare(world["root"] / "manifest.jsonl", cache, whole.output / "model", height=32, width=32, num_frames=5,
+                progress=False, alignment=bf16)  # fmt: skip

@@ -6,6 +6,7 @@ import torch
 from diffusers import WanImageToVideoPipeline
 
 from omnitransfer import InputError, OmniTransferPipeline, Reference, Task
+from omnitransfer.pipeline import find_component
 from omnitransfer.tiny import build_tiny_wan_i2v
 
 SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "samples"
@@ -166,6 +167,26 @@ def test_trained_transformer_beside_a_base_model(tmp_path, model_dir, pipe):
     assert out.shape == (5, 32, 48, 3)
 
 
+def test_base_model_chains_are_followed_and_cycles_refused(tmp_path, model_dir, pipe):
+    """An export of an export: components come from the nearest folder along the base_model chain
+    (each relative to the folder naming it); a cycle or a missing base stops with one line."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, base in ((first, str(model_dir)), (second, "../first")):
+        pipe.transformer.save_pretrained(folder / "transformer", safe_serialization=True)
+        (folder / "omnitransfer.json").write_text(json.dumps({"base_model": base}))
+    assert find_component(second, "transformer") == second / "transformer"
+    assert find_component(second, "vae").resolve() == (model_dir / "vae").resolve()
+    assert find_component(second, "alignment", required=False) is None
+    assert OmniTransferPipeline.from_pretrained(second).image_encoder is not None
+
+    (first / "omnitransfer.json").write_text(json.dumps({"base_model": "../second"}))
+    with pytest.raises(InputError, match="base_model settings form a cycle"):
+        OmniTransferPipeline.from_pretrained(second)
+    (first / "omnitransfer.json").write_text(json.dumps({"base_model": "../nowhere"}))
+    with pytest.raises(InputError, match="base_model '../nowhere' is not a folder"):
+        OmniTransferPipeline.from_pretrained(second)
+
+
 @pytest.mark.parametrize("method", ["vap", "full-attention", "full-attention-tpb"])
 def test_every_method_runs_through_the_same_pipeline(model_dir, pipe, method):
     other = OmniTransferPipeline.from_pretrained(model_dir, method=method)
@@ -215,6 +236,12 @@ def test_alignment_module_gives_the_target_its_context_once_per_generation(model
     assert out.shape == (9, 32, 48, 3)
     assert len(mllm_calls) == 2  # the conditional and the negative request, once for the whole generation
     assert contexts == [torch.Size([2, 8, 32])] * 3  # 2 tasks x 4 MetaQueries for both guidance branches
+
+    # No reference (plain image-to-video): the MetaQueries are per task, so the target reads UMT5's context.
+    out = pipe(image=_clip()[0], prompt="a red star", **SIZE, num_inference_steps=1, progress=False)
+    assert out.shape == (9, 32, 48, 3) and len(mllm_calls) == 2
+    assert contexts[-1] == torch.Size([2, pipe.settings.text_max_length, 32])
+    assert OmniTransferPipeline.from_pretrained(folder, with_alignment=False).alignment is None
 
     (folder / "omnitransfer.json").write_text(json.dumps(settings))  # alignment/ without its MLLM
     with pytest.raises(InputError, match="no 'mllm'"):

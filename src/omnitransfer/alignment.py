@@ -48,7 +48,7 @@ from PIL import Image
 from .errors import InputError
 from .tasks import Task
 
-TASKS: tuple[Task, ...] = tuple(Task)  # row order of the MetaQuery table
+TASKS: tuple[Task, ...] = tuple(Task)  # the order of ``MLLMInputs.query_tasks`` (and of the former query table)
 CONFIG_FILE = "alignment.json"
 WEIGHTS_FILE = "alignment.safetensors"
 
@@ -99,9 +99,15 @@ class AlignmentConfig:
     video_fps: float = 16.0
 
     def __post_init__(self) -> None:
-        missing = [t.value for t in TASKS if t.value not in self.templates]
+        names = [t.value for t in TASKS]
+        if not isinstance(self.templates, dict):
+            raise InputError(f"alignment templates: expected a mapping of task -> sentence ({', '.join(names)})")
+        missing = [t for t in names if t not in self.templates]
         if missing:
             raise InputError(f"alignment templates: no sentence for tasks {missing}")
+        unknown = sorted(set(self.templates) - set(names))
+        if unknown:
+            raise InputError(f"alignment templates: unknown tasks {unknown} (the tasks: {', '.join(names)})")
         if self.queries_per_task < 1 or self.frames_per_reference < 1:
             raise InputError("alignment: queries_per_task and frames_per_reference must be positive")
 
@@ -119,7 +125,7 @@ class MLLMInputs:
 
     input_ids: torch.Tensor  # (1, S)
     mm_token_type_ids: torch.Tensor  # (1, S): 0 text, 1 image, 2 video
-    query_tasks: torch.Tensor  # (n_tasks,): row of the MetaQuery table of each requested task, in order
+    query_tasks: torch.Tensor  # (n_tasks,): each requested task's index in TASKS, in order
     pixel_values: torch.Tensor | None = None  # (patches, C * temporal_patch * patch^2) of the first frame
     image_grid_thw: torch.Tensor | None = None  # (1, 3)
     pixel_values_videos: torch.Tensor | None = None  # (patches of all references, C * temporal_patch * patch^2)
@@ -156,6 +162,15 @@ class Prefix:
 
     input_ids: torch.Tensor  # (S,) the tokens they were computed over
     states: torch.Tensor  # (layers, 2, kv_heads, S, head_dim): rotated keys, values
+
+
+def split_query_table(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Own weights by name, the former layout's single "queries" table (tasks, Q, hidden; rows in TASKS
+    order) split into the per-task ``queries.<task>`` parameters; other layouts as they are."""
+    if "queries" not in weights:
+        return weights
+    rest = {k: v for k, v in weights.items() if k != "queries"}
+    return {**rest, **{f"queries.{t.value}": row for t, row in zip(TASKS, weights["queries"])}}
 
 
 def mlp_connector(in_dim: int, out_dim: int) -> nn.Sequential:
@@ -261,6 +276,8 @@ class TaskAlignment(nn.Module):
 
     mllm: a ``Qwen2_5_VLModel`` (frozen; LoRA via ``add_lora``); tokenizer and image_processor: its
     own; text_dim: the DiT's ``text_dim`` (4096 for Wan2.1). MetaQueries, connector and LoRA stay float32.
+    The MetaQueries are one parameter per task (``queries[task.value]``, (queries_per_task, hidden)), so a
+    task absent from a training step gets no gradient and its queries stay as they are.
     """
 
     def __init__(self, mllm, tokenizer, image_processor, text_dim: int, config: AlignmentConfig | None = None):
@@ -282,8 +299,14 @@ class TaskAlignment(nn.Module):
         hidden = mllm.config.text_config.hidden_size
         # Queries start at the scale of the token embeddings, so the LLM first reads them as ordinary tokens.
         scale = mllm.get_input_embeddings().weight.float().std().item()
-        self.queries = nn.Parameter(torch.randn(len(TASKS), self.config.queries_per_task, hidden) * scale)
+        shape = (self.config.queries_per_task, hidden)
+        self.queries = nn.ParameterDict({t.value: nn.Parameter(torch.randn(shape) * scale) for t in TASKS})
         self.connector = mlp_connector(hidden, text_dim)
+
+    @property
+    def hidden_size(self) -> int:
+        """The MLLM's hidden size (that of the MetaQueries)."""
+        return self.connector[0].in_features
 
     # ---- loading ------------------------------------------------------------------------------------
     @classmethod
@@ -298,22 +321,26 @@ class TaskAlignment(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, mllm_dir, torch_dtype=torch.float32) -> TaskAlignment:
         """This project's weights from ``folder`` (``save_pretrained``) over the MLLM in ``mllm_dir``."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         folder = Path(folder)
         try:
             meta = json.loads((folder / CONFIG_FILE).read_text())
             weights = load_file(folder / WEIGHTS_FILE)
-        except (OSError, json.JSONDecodeError) as err:
-            raise InputError(f"{folder}: not an alignment folder ({err})") from None
-        module = cls.from_mllm(mllm_dir, meta["text_dim"], AlignmentConfig(**meta["config"]), torch_dtype)
-        if module.queries.shape[-1] != meta["mllm_hidden_size"]:
+            text_dim, hidden, lora = meta["text_dim"], meta["mllm_hidden_size"], meta["lora"]
+            config = AlignmentConfig(**meta["config"])
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+            problem = str(err).splitlines()[0] if str(err) else ""
+            raise InputError(f"{folder}: not an alignment folder ({type(err).__name__}: {problem})") from None
+        module = cls.from_mllm(mllm_dir, text_dim, config, torch_dtype)
+        if module.hidden_size != hidden:
             raise InputError(
-                f"{mllm_dir}: hidden size {module.queries.shape[-1]}, "
-                f"but {folder} was trained on a Qwen2.5-VL of hidden size {meta['mllm_hidden_size']}"
+                f"{mllm_dir}: hidden size {module.hidden_size}, "
+                f"but {folder} was trained on a Qwen2.5-VL of hidden size {hidden}"
             )
-        if meta["lora"] is not None:
-            module.add_lora(**meta["lora"])
+        if lora is not None:
+            module.add_lora(**lora)
         module.load_own_state(weights, folder)
         return module
 
@@ -328,7 +355,7 @@ class TaskAlignment(nn.Module):
         meta = {
             "config": dataclasses.asdict(self.config),
             "text_dim": self.text_dim,
-            "mllm_hidden_size": self.queries.shape[-1],
+            "mllm_hidden_size": self.hidden_size,
             "tasks": [t.value for t in TASKS],
             "lora": None if self.lora is None else {**vars(self.lora), "targets": list(self.lora.targets)},
         }
@@ -340,10 +367,16 @@ class TaskAlignment(nn.Module):
         return {k: p.detach().cpu().clone().contiguous() for k, p in self.trainable_parameters("all").items()}
 
     def load_own_state(self, weights: dict[str, torch.Tensor], where) -> None:
-        """Load ``own_state`` weights; InputError naming ``where`` unless they are exactly this module's."""
+        """Load ``own_state`` weights (or the former layout's: one "queries" table, a row per task of
+        TASKS); InputError naming ``where`` unless they are exactly this module's."""
+        weights = split_query_table(weights)
         own = self.trainable_parameters("all")
         if set(weights) != set(own):
             raise InputError(f"{where}: weights {sorted(set(weights) ^ set(own))[:3]}... do not match the module")
+        wrong = [k for k, p in own.items() if weights[k].shape != p.shape]
+        if wrong:
+            k = wrong[0]
+            raise InputError(f"{where}: {k} has shape {tuple(weights[k].shape)}, the module {tuple(own[k].shape)}")
         self.load_state_dict(weights, strict=False)
 
     # ---- training -----------------------------------------------------------------------------------
@@ -365,7 +398,7 @@ class TaskAlignment(nn.Module):
         for name, p in self.mllm.named_parameters():  # float32 factors, trained with the queries (``set_trainable``)
             if ".lora_" in name:
                 p.data = p.data.float()
-                p.requires_grad_(self.queries.requires_grad)
+                p.requires_grad_(self.connector[0].weight.requires_grad)
 
     def trainable_parameters(self, stage: str) -> dict[str, nn.Parameter]:
         """Parameters a trainer stage trains here: none for "blocks" (stage 1, the UMT5 path); the
@@ -545,7 +578,7 @@ class TaskAlignment(nn.Module):
         only the queries run through the LLM; the result equals the full pass."""
         device = self.mllm.device
         inputs = inputs.to(device)
-        queries = self.queries[inputs.query_tasks.to(self.queries.device)].flatten(0, 1)  # (Q, hidden)
+        queries = torch.cat([self.queries[TASKS[i].value] for i in inputs.query_tasks.tolist()])  # (Q, hidden)
         q = len(queries)
         queries = queries.to(device, self.mllm.get_input_embeddings().weight.dtype)[None]  # (1, Q, hidden)
         last = self.config.hidden_layer == -1
@@ -569,7 +602,7 @@ class TaskAlignment(nn.Module):
                 use_cache=False,
             )
         hidden = out.last_hidden_state if last else out.hidden_states[self.config.hidden_layer]  # (1, S or Q, hidden)
-        states = hidden[:, -q:].to(self.queries.device, torch.float32)  # (1, Q, hidden)
+        states = hidden[:, -q:].to(self.connector[0].weight.device, torch.float32)  # (1, Q, hidden)
         return self.connector(states)  # (1, Q, text_dim)
 
     def encode(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from .video import read_image, read_video, resample_frames, resize_and_crop
 
 EMBEDDED_MODEL = Path(__file__).parent / "embedded"
 SETTINGS_FILE = "omnitransfer.json"
+ALIGNMENT_FOLDER = "alignment"  # a model folder's trained alignment module (with ``mllm`` in its settings)
 
 VideoLike = str | Path | np.ndarray  # a path, or uint8 frames (T, H, W, 3)
 ImageLike = str | Path | np.ndarray  # a path, or a uint8 image (H, W, 3)
@@ -34,7 +36,8 @@ class Settings:
     """A model's generation defaults, read from ``omnitransfer.json`` in its folder (Wan2.1 480p otherwise).
 
     ``base_model``: a folder holding the components this one lacks (e.g. a trained transformer saved
-    beside a reference to the Wan2.1 folder it was trained from), relative to this folder or absolute.
+    beside a reference to the Wan2.1 folder it was trained from), relative to this folder or absolute;
+    it may have a ``base_model`` of its own (`find_component` follows the chain).
     """
 
     height: int = 480
@@ -72,6 +75,57 @@ class Settings:
             if value is not None and (not isinstance(value, expected) or isinstance(value, bool)):
                 raise InputError(f"{path}: setting {f.name!r} is {value!r}: expected a {expected}")
         return cls(**data)
+
+
+def base_chain(folder: Path) -> list[Path]:
+    """``folder``, then each folder its ``base_model`` settings lead to (nearest first, each relative to the
+    folder naming it); InputError on a base that is not a folder or on a cycle."""
+    chain = [Path(folder)]
+    while (base := Settings.load(chain[-1]).base_model) is not None:
+        following = (chain[-1] / base).resolve()
+        if not following.is_dir():
+            raise InputError(f"{chain[-1] / SETTINGS_FILE}: base_model {base!r} is not a folder")
+        if following in [f.resolve() for f in chain]:
+            raise InputError(
+                f"{folder}: base_model settings form a cycle ({' -> '.join(map(str, [*chain, following]))})"
+            )
+        chain.append(following)
+    return chain
+
+
+def find_component(folder: Path, name: str, required: bool = True) -> Path | None:
+    """A model folder's component folder ``name`` (e.g. "vae"): from the nearest folder of `base_chain`
+    that has it; None, or InputError if ``required``, when none has."""
+    for root in base_chain(folder):
+        if (root / name).is_dir():
+            return root / name
+    if required:
+        expected = "expected a Wan2.1 I2V layout, or a base_model that has it"
+        raise InputError(f"{folder}: missing component folder {name!r} ({expected})")
+    return None
+
+
+def find_alignment(folder: Path) -> tuple[Path, Path] | None:
+    """A model folder's trained alignment module: its ``alignment/`` (`find_component`) and its Qwen2.5-VL
+    folder (the ``mllm`` setting of the folder holding it, relative to that folder); None without one."""
+    found = find_component(folder, ALIGNMENT_FOLDER, required=False)
+    if found is None:
+        return None
+    mllm = Settings.load(found.parent).mllm
+    if mllm is None:
+        raise InputError(
+            f"{found.parent}: has {ALIGNMENT_FOLDER}/ but no 'mllm' (a Qwen2.5-VL folder) in {SETTINGS_FILE}"
+        )
+    return found, found.parent / mllm
+
+
+def export_base(folder: Path, carried: set[str]) -> Path:
+    """What an export of a model trained from ``folder`` names as ``base_model`` when it carries the
+    component folders ``carried`` itself: the first folder of `base_chain` holding any other component,
+    so that an export of an export points at their common base (absolute)."""
+    chain = base_chain(folder)
+    holders = (root for root in chain if any(p.is_dir() and p.name not in carried for p in root.iterdir()))
+    return next(holders, chain[-1]).resolve()
 
 
 @dataclass
@@ -135,6 +189,7 @@ class OmniTransferPipeline:
         device: str | torch.device = "cpu",
         method: str | None = None,
         with_transformer: bool = True,
+        with_alignment: bool = True,
     ) -> OmniTransferPipeline:
         """Load a local diffusers-format Wan2.1 I2V folder (or the embedded model when ``path`` is None).
 
@@ -143,7 +198,9 @@ class OmniTransferPipeline:
         image encoder stay in float32 (as Wan recommends); the others take ``torch_dtype``. ``method``:
         omnitransfer, vap, full-attention or full-attention-tpb (``methods.METHODS``); by default the
         folder's own (``omnitransfer.json``), else omnitransfer. ``with_transformer=False`` loads the
-        encoders only (what ``prepare`` needs: no 14B transformer in memory).
+        encoders only (what ``prepare`` needs: no 14B transformer in memory); ``with_alignment=False``
+        leaves out the folder's alignment module (``alignment/`` + its MLLM) too. Components missing
+        from the folder come from its ``base_model`` chain (`find_component`).
         """
         if method is not None:
             get_method(method)  # an unknown name fails before anything loads
@@ -152,16 +209,7 @@ class OmniTransferPipeline:
             raise InputError(f"{folder}: no such model folder (expected a diffusers-format Wan2.1 I2V folder)")
         settings = Settings.load(folder)
         method = method or settings.method
-        search = [folder] + ([(folder / settings.base_model).resolve()] if settings.base_model else [])
-
-        def component(name: str, required: bool = True) -> Path | None:
-            for root in search:
-                if (root / name).is_dir():
-                    return root / name
-            if required:
-                raise InputError(f"{folder}: missing component folder {name!r} (expected a Wan2.1 I2V layout)")
-            return None
-
+        component = partial(find_component, folder)
         try:
             transformer_dir = component("transformer")
             patch_size = json.loads((transformer_dir / "config.json").read_text())["patch_size"]
@@ -172,13 +220,11 @@ class OmniTransferPipeline:
             )
             tokenizer = AutoTokenizer.from_pretrained(component("tokenizer"))
             alignment = None
-            alignment_dir = component("alignment", required=False)
-            if alignment_dir is not None:
+            found = find_alignment(folder) if with_alignment else None
+            if found is not None:
                 from .alignment import TaskAlignment
 
-                if settings.mllm is None:
-                    raise InputError(f"{folder}: has alignment/ but no 'mllm' (Qwen2.5-VL folder) in {SETTINGS_FILE}")
-                alignment = TaskAlignment.from_pretrained(alignment_dir, folder / settings.mllm, torch_dtype)
+                alignment = TaskAlignment.from_pretrained(*found, torch_dtype)
             image_dir = component("image_encoder", required=False)
             image_encoder = image_processor = None
             if image_dir is not None:
@@ -302,9 +348,10 @@ class OmniTransferPipeline:
 
     def _target_context(self, tasks, videos, first_frame, prompts: list[str]) -> torch.Tensor:
         """The target's cross-attention context (len(prompts), L, text_dim): UMT5 features of each prompt,
-        or, with the alignment module, its MetaQuery tokens for the request (the MLLM runs once per
-        prompt and generation, then moves to the CPU)."""
-        if self.alignment is None:
+        or, with the alignment module and some reference, its MetaQuery tokens for the request (the MLLM
+        runs once per prompt and generation, then moves to the CPU). The MetaQueries are per task, so a
+        request without reference (plain image-to-video, text-to-video) keeps UMT5's context."""
+        if self.alignment is None or not tasks:
             return self.encode_text(prompts)
         self.alignment.to(self.device)
         contexts = [self.alignment.encode(tasks, videos, first_frame, p or None) for p in prompts]

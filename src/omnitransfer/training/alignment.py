@@ -17,7 +17,9 @@ the model learns the context it is guided with. The cached prefix states serve b
 without its prompt being a prefix of the request with it.
 
 Processes: the module is replicated (its base weights are frozen, its own weights small); its
-gradients are averaged over processes once per step, one all-reduce of a flat buffer, like DDP's.
+gradients are averaged over processes once per step, one all-reduce of a flat buffer, like DDP's. The
+MetaQueries of a task no sample of the step asked for keep no gradient (None), so AdamW leaves them as
+they are; every process has the same ones, a global batch sharing its tasks (``BatchPlan``).
 """
 
 from __future__ import annotations
@@ -29,31 +31,23 @@ import torch.distributed as dist
 
 from ..alignment import TaskAlignment
 from ..errors import InputError
-from ..pipeline import Settings
+from ..pipeline import find_alignment
 from .config import TrainConfig
 from .objective import Batch
 from .parallelize import World
-
-ALIGNMENT_FOLDER = "alignment"  # a model folder's trained module (beside ``mllm`` in its omnitransfer.json)
 
 
 def build_alignment(config: TrainConfig, text_dim: int) -> TaskAlignment | None:
     """The alignment module a run trains: a new one over ``config.alignment``'s MLLM (seeded by
     ``config.seed``, so every process and every rerun starts the same), or the model folder's trained
-    one; None without either (UMT5 only)."""
-    folder = config.model_folder
-    own = folder / ALIGNMENT_FOLDER
-    section = config.alignment
+    one (``find_alignment``: along its base_model chain); None without either (UMT5 only)."""
+    folder, section = config.model_folder, config.alignment
+    found = find_alignment(folder)
     if section is None:
-        if not own.is_dir():
-            return None
-        mllm = Settings.load(folder).mllm
-        if mllm is None:
-            raise InputError(f"{folder}: has {ALIGNMENT_FOLDER}/ but no 'mllm' (a Qwen2.5-VL folder) in its settings")
-        return TaskAlignment.from_pretrained(own, folder / mllm)
-    if own.is_dir():
+        return None if found is None else TaskAlignment.from_pretrained(*found)
+    if found is not None:
         raise InputError(
-            f"{folder}: holds a trained alignment module ({ALIGNMENT_FOLDER}/): remove the config's alignment "
+            f"{folder}: holds a trained alignment module ({found[0]}): remove the config's alignment "
             "section to continue training it, or start from a model without one"
         )
     with torch.random.fork_rng(devices=[]):
@@ -65,8 +59,10 @@ def build_alignment(config: TrainConfig, text_dim: int) -> TaskAlignment | None:
 
 
 def describe(module: TaskAlignment) -> dict:
-    """What a cache's MLLM fields depend on: the MLLM folder and the module's settings (JSON)."""
-    return {"mllm": str(module.mllm_folder), "config": dataclasses.asdict(module.config)}
+    """What a cache's MLLM fields depend on: the MLLM folder, the precision of its weights (that of the
+    prefix states) and the module's settings (JSON)."""
+    dtype = str(module.mllm.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    return {"mllm": str(module.mllm_folder), "dtype": dtype, "config": dataclasses.asdict(module.config)}
 
 
 def architecture(module: TaskAlignment) -> dict:
@@ -105,12 +101,14 @@ def target_contexts(module: TaskAlignment, batch: Batch, dropped: torch.Tensor, 
 
 
 def average_gradients(params: list[torch.Tensor], world: World) -> None:
-    """Average replicated parameters' gradients over the processes (a missing one counts as zeros)."""
+    """Average replicated parameters' gradients over the processes. A parameter without a gradient (the
+    MetaQueries of a task absent from the step) keeps none: every process has the same such parameters,
+    the samples of a global batch sharing their tasks."""
+    params = [p for p in params if p.grad is not None]
     if world.size == 1 or not params:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])  # (sum of numels,)
+    flat = torch.cat([p.grad.flatten() for p in params])  # (sum of numels,)
     dist.all_reduce(flat)
     flat /= world.size
-    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
+    for p, chunk in zip(params, flat.split([p.numel() for p in params])):
         p.grad = chunk.view_as(p)

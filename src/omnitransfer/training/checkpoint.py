@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -31,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..alignment import split_query_table
 from ..errors import InputError
 from ..pipeline import SETTINGS_FILE
 from ..transformer import OmniTransferTransformer
@@ -68,9 +70,14 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list[dict]
     return tensors, groups
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict], names: dict[str, str]) -> dict:
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict], names: dict[str, str], where) -> dict:
     """Back to the state-dict API's layout; ``names`` maps clean names to the live model's names."""
     state: dict[str, dict] = {}
+    unknown = sorted(({key.split("::")[0] for key in tensors} | {n for g in groups for n in g["params"]}) - set(names))
+    if unknown:
+        raise InputError(
+            f"{where}: optimizer state of {unknown[0]}, which this run's model lacks: another architecture"
+        )
     for key, value in tensors.items():
         fqn, field = key.split("::")
         state.setdefault(names[fqn], {})[field] = value
@@ -131,6 +138,21 @@ def check_architecture(checkpoint: Path, meta: dict, architecture: dict) -> None
             )
 
 
+def _load(checkpoint: Path, name: str, missing: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``name``.safetensors in a checkpoint; InputError when it is absent (``missing``
+    says why it may be) or unreadable."""
+    path = checkpoint / f"{name}.safetensors"
+    if not path.is_file():
+        raise InputError(f"{checkpoint}: holds no {path.name} ({missing})")
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as err:
+        raise InputError(f"{path}: cannot read the checkpoint file ({err})") from None
+
+
+NO_EMA = "saved without ema_decay: resume with the ema_decay it was trained with"
+
+
 def _live_names(model) -> dict[str, str]:
     """Clean parameter names -> the live model's names (wrappers add prefixes)."""
     return {clean_name(n): n for n, _ in unwrap(model).named_parameters()}
@@ -140,35 +162,41 @@ def load_model_state(checkpoint: Path, model, ema) -> dict:
     """Collective: restore the weights and the EMA in place; returns trainer.json."""
     meta = read_meta(checkpoint)
     live_names = _live_names(model)
-    model_state = load_file(checkpoint / "model.safetensors")
+    model_state = _load(checkpoint, "model", "an incomplete checkpoint")
     missing = sorted(set(live_names) - set(model_state))
     if missing:
         raise InputError(f"{checkpoint}: no weights for {missing[0]} ({len(missing)} missing): another architecture")
     full = {live_names.get(k, k): v for k, v in model_state.items()}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
     if ema is not None:
-        ema.load_full_state(load_file(checkpoint / "ema.safetensors"))
+        ema.load_full_state(_load(checkpoint, "ema", NO_EMA))
     return meta
 
 
 def load_alignment_state(checkpoint: Path, module, ema) -> None:
     """Restore the alignment module's own weights and their EMA in place."""
-    path = checkpoint / "alignment.safetensors"
-    if not path.is_file():
-        raise InputError(f"{checkpoint}: holds no alignment module: resume with the config it was trained with")
-    module.load_own_state(load_file(path), checkpoint)
+    own = _load(checkpoint, "alignment", "no alignment module: resume with the config it was trained with")
+    module.load_own_state(own, checkpoint)
     if ema is not None:
-        ema.load_full_state(load_file(checkpoint / "alignment_ema.safetensors"))
+        ema.load_full_state(split_query_table(_load(checkpoint, "alignment_ema", NO_EMA)))
 
 
 def load_optimizer_state(checkpoint: Path, model, optimizer, prefix: str = "") -> None:
     """Collective: restore the AdamW state of the stage the checkpoint was saved in (``prefix``
-    "alignment_": the alignment module's)."""
+    "alignment_": the alignment module's). A parameter that had no state when it was saved (never
+    stepped: e.g. the MetaQueries of a task not trained on yet) has none after it either, as in a run
+    that never stopped (the state-dict API makes up a zero state at step 1 for it)."""
     meta = read_meta(checkpoint)
-    state = _unflatten_optimizer(
-        load_file(checkpoint / f"{prefix}optimizer.safetensors"), meta[f"{prefix}param_groups"], _live_names(model)
-    )
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    live = _live_names(model)
+    tensors = _load(checkpoint, f"{prefix}optimizer", "an incomplete checkpoint")
+    state = _unflatten_optimizer(tensors, meta[f"{prefix}param_groups"], live, checkpoint)
+    options = StateDictOptions(full_state_dict=True, strict=False)  # the never-stepped ones have no state
+    set_optimizer_state_dict(model, optimizer, state, options=options)
+    stepped = {key.split("::")[0] for key in tensors}
+    params = dict(unwrap(model).named_parameters())
+    for clean, name in live.items():
+        if clean not in stepped:
+            optimizer.state.pop(params[name], None)
 
 
 def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:

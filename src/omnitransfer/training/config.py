@@ -141,7 +141,8 @@ class TrainConfig:
 
 def _alignment(data: Any, where: str) -> Alignment:
     """The ``alignment`` section: the module's own options go to ``AlignmentConfig`` (templates given
-    for some tasks keep the default sentences of the others), the rest to ``Alignment``."""
+    for some tasks keep the default sentences of the others; a task name it does not know is refused),
+    the rest to ``Alignment``."""
     if not isinstance(data, dict):
         raise InputError(f"{where}: expected a mapping, got {type(data).__name__}")
     own = {f.name for f in dataclasses.fields(AlignmentConfig)}
@@ -154,7 +155,7 @@ def _alignment(data: Any, where: str) -> Alignment:
         raise InputError(f"{where}: unknown key {unknown[0]!r} (expected one of {', '.join(sorted(own | known))})")
     try:
         config = AlignmentConfig(**module)
-    except TypeError as err:
+    except (TypeError, InputError) as err:  # e.g. templates of unknown tasks
         raise InputError(f"{where}: {err}") from None
     return _build(Alignment, {**{k: v for k, v in data.items() if k in known}, "module": config}, where)
 

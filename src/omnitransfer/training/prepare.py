@@ -4,7 +4,9 @@ Every distinct video is decoded and encoded once, every distinct prompt once, at
 references are resized and resampled to the target's size and frame count, as at generation. A rerun
 into the same folder with the same fingerprint (manifest + sha256, model, sizes, shard size, dtype)
 skips the complete shards; a shard only exists once complete, so an interrupted run loses at most the
-shard it was writing. The cache layout is described in `omnitransfer.training.cache`.
+shard it was writing. With an alignment module the fingerprint also holds its MLLM folder, the precision
+of its weights and its settings (``training.alignment.describe``). The cache layout is described in
+`omnitransfer.training.cache`.
 
 For an alignment module (the model folder's ``alignment/``, or the one a training config defines:
 ``--alignment CONFIG``) each record also gets what the MLLM reads at its own resolution, and, when the
@@ -132,7 +134,9 @@ def prepare(
     from .alignment import build_alignment, describe
     from .config import load_config
 
-    pipe = OmniTransferPipeline.from_pretrained(model, device=device, with_transformer=False)  # encoders only
+    # encoders only; a config's module replaces the model folder's (one MLLM in memory)
+    pipe = OmniTransferPipeline.from_pretrained(model, device=device, with_transformer=False,
+                                                with_alignment=alignment is None)  # fmt: skip
     aligner = pipe.alignment
     if alignment is not None:
         aligner = build_alignment(load_config(alignment), pipe.text_encoder.config.d_model)

@@ -17,6 +17,7 @@ from ..codecs import load_codec, to_uint8
 from ..conditioning import target_condition
 from ..errors import InputError
 from ..methods import get_method, load_transformer
+from ..pipeline import ALIGNMENT_FOLDER, export_base, find_component
 from ..sampling import denoise, make_scheduler
 from ..transformer import OmniTransferTransformer
 from ..video import save_video
@@ -55,10 +56,11 @@ VALIDATION_FPS = 8
 
 
 def starting_transformer(config: TrainConfig) -> OmniTransferTransformer:
-    """The starting transformer (fp32 master weights), with LoRA adapters when configured."""
-    folder = Path(config.init_transformer) if config.init_transformer else config.model_folder / "transformer"
+    """The starting transformer (fp32 master weights): ``init_transformer``, else the model folder's (along
+    its base_model chain); with LoRA adapters when configured."""
+    folder = Path(config.init_transformer or find_component(config.model_folder, "transformer"))
     if not folder.is_dir():
-        raise InputError(f"{folder}: no transformer folder to start from (config 'model' / 'init_transformer')")
+        raise InputError(f"{folder}: no transformer folder to start from (config 'init_transformer')")
     model = load_transformer(config.method, folder, torch.float32)
     if config.lora.rank > 0:
         from peft import LoraConfig
@@ -328,7 +330,8 @@ class Trainer:
 
     def export(self) -> Path | None:
         """The trained transformer (EMA weights if kept, LoRA merged) as a loadable model folder, with the
-        alignment module (``alignment/``, ``mllm``: the absolute path of its Qwen2.5-VL folder) when trained."""
+        alignment module (``alignment/``, ``mllm``: the absolute path of its Qwen2.5-VL folder) when trained;
+        ``base_model``: the base model's folder, or, when that is an export, the base it points at."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         from .checkpoint import FULL
@@ -345,10 +348,11 @@ class Trainer:
         info = self.cache.info
         settings = {"height": info["height"], "width": info["width"], "num_frames": info["num_frames"],
                     "text_max_length": info["text_max_length"]}  # fmt: skip
-        base = str(self.config.model_folder.resolve())
+        carried = {"transformer"} | ({ALIGNMENT_FOLDER} if self._exports_alignment() else set())
+        base = str(export_base(self.config.model_folder, carried))
         settings["method"] = self.config.method
         write_more = None
-        if self._exports_alignment():
+        if ALIGNMENT_FOLDER in carried:
             settings["mllm"] = str(self.alignment.mllm_folder)
             weights = None if self.alignment_ema is None else self.alignment_ema.full_state()
             write_more = partial(_save_alignment, self.alignment, weights)
@@ -364,7 +368,7 @@ class Trainer:
         context is the current stage's: the alignment module's (the unconditional one without the prompt)
         in an aligned stage, UMT5's otherwise."""
         if self.world.is_main and self._codec is None:  # loaded once, alone (not the whole pipeline)
-            self._codec = load_codec(self.config.model_folder / "vae")
+            self._codec = load_codec(find_component(self.config.model_folder, "vae"))
             self._codec.module.to(self.world.device)
         model = unwrap(self.model)  # DDP's wrapper is for training; its module samples as is
         null = self.cache.null_prompt.to(self.world.device)
@@ -390,4 +394,4 @@ class Trainer:
 
 
 def _save_alignment(alignment, weights, folder: Path) -> None:
-    alignment.save_pretrained(folder / aligning.ALIGNMENT_FOLDER, weights)
+    alignment.save_pretrained(folder / ALIGNMENT_FOLDER, weights)
