@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..alignment import split_query_table
 from ..errors import InputError
+from ..files import replace_folder
 from ..pipeline import SETTINGS_FILE
 from ..transformer import OmniTransferTransformer
 from .parallelize import World, barrier, unwrap
@@ -44,16 +45,6 @@ WRAPPER_PREFIX = "_checkpoint_wrapped_module."
 
 def clean_name(name: str) -> str:
     return name.replace(WRAPPER_PREFIX, "")
-
-
-def _replace_folder(new: Path, final: Path) -> None:
-    """Put the complete folder ``new`` at ``final``: the old one is moved aside first and deleted last,
-    so a kill at any moment leaves a complete folder at ``final`` or beside it."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(new, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -115,7 +106,7 @@ def save_checkpoint(
         for name, tensors in files.items():
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
-        _replace_folder(tmp, final)
+        replace_folder(tmp, final)
     barrier(world)
     return final
 
@@ -236,5 +227,5 @@ def export_model(
     if write_more is not None:
         write_more(tmp)
     (tmp / SETTINGS_FILE).write_text(json.dumps({**settings, "base_model": base_model}, indent=2))
-    _replace_folder(tmp, folder)
+    replace_folder(tmp, folder)
     return folder
