@@ -11,13 +11,16 @@ import torch
 
 from omnitransfer import InputError, OmniTransferPipeline, Reference, Task
 from omnitransfer.codecs import WanVAECodec
+from omnitransfer.patch_codec import PatchCodec
+from omnitransfer.pipeline import EMBEDDED_MODEL
 from omnitransfer.training import cache as cache_module
 from omnitransfer.training.cache import LatentCache, tensor_shapes
 from omnitransfer.training.manifest import ManifestError, load_manifest
 from omnitransfer.training.prepare import add_prepare_command, prepare
 from omnitransfer.video import read_video, save_video
 
-SIZE = dict(num_frames=5, height=32, width=32)  # latents (16, 2, 4, 4) with the embedded model
+SIZE = dict(num_frames=5, height=32, width=32)
+Z = PatchCodec.from_pretrained(EMBEDDED_MODEL / "vae").latent_channels  # the embedded model's latent channels
 GOOD = [  # lines 1, 2, 4, 5 (line 3 is blank)
     {"task": "camera", "reference": "clips/a.mp4", "target": "clips/t1.mp4", "prompt": "a red car", "split": "x"},
     {
@@ -75,8 +78,13 @@ def pipe():
 
 
 def _count_encodes(monkeypatch) -> list:
-    calls, encode = [], WanVAECodec.encode
-    monkeypatch.setattr(WanVAECodec, "encode", lambda self, video: calls.append(video.shape) or encode(self, video))
+    """Count the codec's encode calls (whichever codec class the embedded model has)."""
+    calls = []
+    for codec_class in (WanVAECodec, PatchCodec):
+        encode = codec_class.encode
+        monkeypatch.setattr(
+            codec_class, "encode", lambda self, video, encode=encode: calls.append(video.shape) or encode(self, video)
+        )
     return calls
 
 
@@ -196,7 +204,7 @@ def test_cache_layout_and_shapes(cache_dir):
     assert {k: cache.info[k] for k in ("height", "width", "num_frames", "text_max_length", "model")} == dict(
         height=32, width=32, num_frames=5, text_max_length=32, model="embedded"
     )
-    latent = (16, 2, 4, 4)
+    latent = (Z, 2, 4, 4)
     combo = cache[2]
     assert combo.tasks == (Task.ID, Task.MOTION) and combo.index == 2
     assert combo.target.shape == combo.condition.shape == latent and combo.target.dtype == torch.float32
@@ -246,7 +254,7 @@ def _generation_inputs(pipe, **kw) -> dict:
         handle.remove()
         del pipe.transformer.encode_references
     model_in, _, text, image_tokens = seen["step"]
-    return dict(condition=model_in[0, 20:], text=text, image_tokens=image_tokens[0], refs=seen["refs"])
+    return dict(condition=model_in[0, Z + 4 :], text=text, image_tokens=image_tokens[0], refs=seen["refs"])
 
 
 @pytest.mark.parametrize("i", [0, 2])
@@ -262,14 +270,14 @@ def test_cached_conditioning_equals_generation(cache_dir, data, pipe, i):
     assert torch.allclose(sample.prompt, live["text"][0], atol=1e-5)
     assert torch.allclose(cache.null_prompt, live["text"][1], atol=1e-5)  # the unconditional branch
     for cached, cached_text, ref in zip(sample.references, sample.reference_prompts, live["refs"]):
-        assert torch.allclose(cached, ref.latents[0, :16], atol=1e-6)  # [latent | flag | latent]
+        assert torch.allclose(cached, ref.latents[0, :Z], atol=1e-6)  # [latent | flag | latent]
         assert torch.allclose(cached_text, ref.context[0], atol=1e-5)
 
 
 def test_signatures_group_stackable_samples(cache_dir):
     cache = LatentCache(cache_dir)
     sigs = [cache.signature(i) for i in range(len(cache))]
-    assert sigs[0] == sigs[3] == ((Task.CAMERA,), (16, 2, 4, 4), ((16, 2, 4, 4),), True)
+    assert sigs[0] == sigs[3] == ((Task.CAMERA,), (Z, 2, 4, 4), ((Z, 2, 4, 4),), True)
     assert len(set(sigs)) == 3 and sigs[1][3] is False
 
 

@@ -71,6 +71,9 @@ def build(output: Path, seed: int = 0, fit_clips: int = 40) -> Path:
             staging = tiny.build_tiny_wan_i2v(Path(tmp) / "model", seed=seed, size=SIZE)
             shutil.rmtree(staging / "vae")
             codec.save_pretrained(staging / "vae")
+            index = json.loads((staging / "model_index.json").read_text())
+            index["vae"] = ["omnitransfer", "PatchCodec"]
+            (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
             replace_folder(staging, output)
     finally:
         tiny.TINY_VOCAB = original
