@@ -23,7 +23,20 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
     return frames.to(torch.uint8).numpy()
 
 
-class WanVAECodec:
+class CausalLatentLayout:
+    """Wan's latent time axis, shared by every codec: frame 0 alone, then one latent frame per
+    ``temporal_factor`` frames, so frame counts are 4k+1 for a factor of 4."""
+
+    temporal_factor: int
+
+    def check_num_frames(self, num_frames: int, what: str = "frame count") -> None:
+        check_num_frames(num_frames, self.temporal_factor, what)
+
+    def latent_frames(self, num_frames: int) -> int:
+        return (num_frames - 1) // self.temporal_factor + 1
+
+
+class WanVAECodec(CausalLatentLayout):
     """Wan's causal 3D VAE with its per-channel latent normalisation (posterior mode for encoding).
 
     F pixel frames map to (F - 1) / temporal + 1 latent frames, H x W to H/spatial x W/spatial.
@@ -46,12 +59,6 @@ class WanVAECodec:
     @property
     def device(self) -> torch.device:
         return self.vae.device
-
-    def check_num_frames(self, num_frames: int, what: str = "frame count") -> None:
-        check_num_frames(num_frames, self.temporal_factor, what)
-
-    def latent_frames(self, num_frames: int) -> int:
-        return (num_frames - 1) // self.temporal_factor + 1
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:

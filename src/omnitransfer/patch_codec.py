@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .codecs import CausalLatentLayout
 from .errors import InputError
-from .video import check_num_frames
 
 CLASS_NAME = "PatchCodec"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-class PatchCodec(nn.Module):
+class PatchCodec(CausalLatentLayout, nn.Module):
     """Orthonormal patch projections for the first frame (``intra_*``) and for 4-frame groups (``group_*``)."""
 
     def __init__(self, latent_channels: int = 32, temporal_factor: int = 4, spatial_factor: int = 8):
@@ -54,12 +54,6 @@ class PatchCodec(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.scale.device
-
-    def check_num_frames(self, num_frames: int, what: str = "frame count") -> None:
-        check_num_frames(num_frames, self.temporal_factor, what)
-
-    def latent_frames(self, num_frames: int) -> int:
-        return (num_frames - 1) // self.temporal_factor + 1
 
     def _blocks(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, F, H, W) -> first-frame patches (B, h, w, 3*s*s) and group blocks (B, g, h, w, 3*t*s*s)."""
