@@ -9,6 +9,7 @@ nearest-neighbour).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +109,6 @@ def photo_camera_transfer(
     photo, the camera-path error of the generated video and of the photo held still
     (``synthetic.metrics.camera_errors`` against the true path).
     """
-    from .pipeline import Reference
     from .synthetic.camera import CameraPath
     from .synthetic.metrics import camera_errors
     from .video import read_image
@@ -124,11 +124,7 @@ def photo_camera_transfer(
             name += "_"
         names.add(name)
         frame = read_image(photo, h, w)
-        generated = pipe(
-            references=[Reference(Task.CAMERA, sample.reference, sample.reference_prompt)],
-            image=frame, prompt="", num_frames=t, height=h, width=w, num_inference_steps=steps, seed=seed,
-            progress=False,
-        )  # fmt: skip
+        generated = transfer(pipe, replace(sample, first_frame=frame, prompt=""), steps=steps, seed=seed)
         still = held_still(frame, t)
         videos = [sample.reference, still, generated]
         folder.mkdir(parents=True, exist_ok=True)
