@@ -261,6 +261,17 @@ def test_retrieval_metric(task, test_split):
     assert np.mean([w["correct"] for w in wrong]) < 0.5
 
 
+@pytest.mark.parametrize("task", list(Task))
+def test_reference_copy_flags_an_output_that_reproduces_the_reference(task):
+    """The target itself is no copy; the reference itself is one, even when it starts from the given frame."""
+    s = make_sample(task, "test", 0)
+    assert metrics.evaluate(s, s.target)["reference_copy"] == 0.0
+    copied = s.reference.copy()
+    if s.first_frame is not None:
+        copied[0] = s.first_frame  # frame 0 is given: only the generated frames count
+    assert metrics.evaluate(s, copied)["reference_copy"] == 1.0
+
+
 # ---------------------------------------------------------------------------- the synth command
 
 

@@ -311,6 +311,22 @@ def test_vap_trains_its_expert_only_from_a_cache_with_reference_first_frames(tmp
     assert type(pipe.transformer).__name__ == "VAPTransformer"
 
 
+def test_vap_stage_sets_expert_only_or_everything():
+    """"blocks" trains VAP's expert over the frozen backbone; "all" (from scratch) the backbone too."""
+    from omnitransfer.methods import load_transformer
+    from omnitransfer.training.config import Stage
+    from omnitransfer.training.trainer import trainable_names
+
+    model = load_transformer("vap", ROOT / "src/omnitransfer/embedded/transformer")
+    expert = {id(p) for p in model.expert_parameters()}
+    every = {n for n, _ in model.named_parameters()}
+    blocks = trainable_names(model, Stage("dit", 1, "blocks"), lora=False)
+    assert blocks and all(id(p) in expert for n, p in model.named_parameters() if n in blocks)
+    assert len(blocks) == len(expert) < len(every)
+    assert trainable_names(model, Stage("dit", 1, "all"), lora=False) == every
+    assert trainable_names(model, Stage("connector", 1, "connector"), lora=False) == set()
+
+
 def test_fsdp_bf16_with_checkpointing_ema_and_validation(cache, tmp_path):
     """The 14B recipe's settings on 2 CPU processes: bf16 compute over fp32 weights, activation checkpointing,
     EMA and validation videos (every rank runs the sampler, rank 0 decodes)."""

@@ -39,6 +39,7 @@ LOWER_IS_BETTER = frozenset(
         "track_error_px",
         "pose_error_deg",
         "rank",
+        "reference_copy",
     }
 )
 
@@ -109,11 +110,13 @@ def copy_baseline(sample: Sample) -> np.ndarray:
     return sample.reference
 
 
-def score_sample(pipe, sample: Sample, steps: int | None = None, seed: int = 0) -> list[Record]:
-    """Generate and score every system on one sample (the retrieval candidates are described once)."""
+def score_sample(
+    pipe, sample: Sample, steps: int | None = None, seed: int = 0, systems: Sequence[str] = SYSTEMS
+) -> list[Record]:
+    """Generate and score ``systems`` on one sample (the retrieval candidates are described once)."""
     candidates = candidate_descriptors(sample) if sample.task.family is Family.APPEARANCE else None
     records = []
-    for system in SYSTEMS:
+    for system in systems:
         start = time.perf_counter()
         if system == "copy":
             video, seconds = copy_baseline(sample), None
@@ -132,15 +135,16 @@ def run_benchmark(
     steps: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    systems: Sequence[str] = SYSTEMS,
 ) -> list[Record]:
-    """Score every system on test samples 0..count-1 of each task; sample i is generated with seed + i.
+    """Score ``systems`` on test samples 0..count-1 of each task; sample i is generated with seed + i.
     ``progress`` shows one bar per task on stderr."""
     from tqdm import tqdm
 
     records: list[Record] = []
     for task in check_options(tasks, count, steps):
         for index in tqdm(range(count), desc=f"{task.value:>6}", unit="sample", file=sys.stderr, disable=not progress):
-            records += score_sample(pipe, native_sample(pipe, task, index), steps, seed + index)
+            records += score_sample(pipe, native_sample(pipe, task, index), steps, seed + index, systems)
     return records
 
 
@@ -171,7 +175,7 @@ def aggregate(records: Sequence[Record]) -> dict[str, dict[str, dict]]:
     result: dict[str, dict[str, dict]] = {}
     for task in dict.fromkeys(r.task for r in records):
         result[task] = {}
-        for system in SYSTEMS:
+        for system in [s for s in SYSTEMS if any(r.system == s for r in records)]:
             mine = [r for r in records if r.task == task and r.system == system]
             entry: dict = {"seconds_median": median_seconds(mine)}
             for subset in SUBSETS:

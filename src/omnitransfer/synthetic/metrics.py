@@ -217,6 +217,18 @@ def retrieval(video: np.ndarray, candidates: tuple[np.ndarray, int]) -> dict[str
 # ---------------------------------------------------------------------------- all tasks
 
 
+def reference_copy(video: np.ndarray, sample: Sample) -> float:
+    """1.0 when ``video`` is closer (PSNR over its generated frames: all, or all but a given first frame)
+    to the sample's reference than to its target, else 0.0.
+
+    Every task asks for one aspect of the reference (its motion, effect, subject or style) on other
+    content; an output nearer the reference itself carried over what was not asked -- the world's measure
+    of task confusion (its mean over samples is the confusion rate).
+    """
+    start = 0 if sample.first_frame is None else 1
+    return float(psnr(video[start:], sample.reference[start:]) > psnr(video[start:], sample.target[start:]))
+
+
 def evaluate(sample: Sample, video: np.ndarray, candidates: tuple[np.ndarray, int] | None = None) -> dict[str, float]:
     """All metrics of `video` (uint8 (T, H, W, 3), the sample's shape) for `sample`'s task.
 
@@ -226,7 +238,7 @@ def evaluate(sample: Sample, video: np.ndarray, candidates: tuple[np.ndarray, in
     video = np.asarray(video)
     if video.shape != sample.target.shape or video.dtype != np.uint8:
         raise ValueError(f"expected uint8 video of shape {sample.target.shape}, got {video.dtype} {video.shape}")
-    scores: dict[str, float] = {}
+    scores: dict[str, float] = {"reference_copy": reference_copy(video, sample)}
     if sample.first_frame is not None:
         scores["first_frame_psnr"] = first_frame_psnr(video, sample.first_frame)
     if sample.task is Task.CAMERA:

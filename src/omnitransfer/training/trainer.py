@@ -81,11 +81,13 @@ def architecture(model: OmniTransferTransformer, config: TrainConfig, alignment=
 def trainable_names(model: torch.nn.Module, stage: Stage, lora: bool) -> set[str]:
     """Names of the parameters a stage trains (LoRA factors only, in the DiT blocks, when LoRA is on).
 
-    A model with a frozen backbone (VAP) trains its expert only, in every stage that trains the DiT.
+    A model with a frozen backbone (VAP) trains its expert only in a "blocks" stage (the published recipe,
+    over a pretrained Wan); "all" trains the backbone too (a model trained from scratch has no pretrained
+    backbone to freeze).
     """
-    if hasattr(model, "expert_parameters"):
+    if hasattr(model, "expert_parameters") and stage.trainable == "blocks":
         expert = {id(p) for p in model.expert_parameters()}
-        return {n for n, p in model.named_parameters() if id(p) in expert} if stage.trainable != "connector" else set()
+        return {n for n, p in model.named_parameters() if id(p) in expert}
     names = set()
     for name, _ in model.named_parameters():
         clean = clean_name(name)
