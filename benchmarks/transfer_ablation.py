@@ -159,8 +159,10 @@ def table(results: dict[str, dict], steps: int, count: int) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    note = (f"{steps} steps of batch 16 each from the same random start; {count} test samples per task, "
-            "means over the test split (seen and held-out kinds); confusion: outputs closer to the reference than to the target.")  # fmt: skip
+    note = (
+        f"{steps} steps of batch 16 each from the same random start; {count} test samples per task, means over "
+        "the test split (seen and held-out kinds); confusion: outputs closer to the reference than to the target."
+    )
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
@@ -186,9 +188,7 @@ def main() -> None:
     text = table(results, args.steps, args.count)
     machine = f"{platform.machine()} {platform.processor() or ''}".strip()
     if args.table is not None:
-        args.table.with_suffix(".md").write_text(
-            f"`{' '.join(sys.argv)}` on {machine}\n\n{text}"
-        )
+        args.table.with_suffix(".md").write_text(f"`{' '.join(sys.argv)}` on {machine}\n\n{text}")
         args.table.with_suffix(".json").write_text(json.dumps(
             {n: d["summary"] for n, d in results.items()}, indent=1) + "\n")  # fmt: skip
 

@@ -312,7 +312,7 @@ def test_vap_trains_its_expert_only_from_a_cache_with_reference_first_frames(tmp
 
 
 def test_vap_stage_sets_expert_only_or_everything():
-    """"blocks" trains VAP's expert over the frozen backbone; "all" (from scratch) the backbone too."""
+    """A "blocks" stage trains VAP's expert over the frozen backbone; "all" (from scratch) the backbone too."""
     from omnitransfer.methods import load_transformer
     from omnitransfer.training.config import Stage
     from omnitransfer.training.trainer import trainable_names
