@@ -155,6 +155,23 @@ def test_queries_of_a_task_absent_from_a_step_stay_bitwise_unchanged(two_tasks, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_only_aligned_stages_read_the_mllm_inputs(world, tmp_path, monkeypatch):
+    """Stage 1 (UMT5) reads no MLLM request or prefix states from an aligned cache; stage 2 reads both."""
+    carried = []
+    read = LatentCache.__getitem__
+
+    def spy(self, i):
+        sample = read(self, i)
+        carried.append((sample.request is not None, sample.prefix is not None))
+        return sample
+
+    stages = "stages=[{name: dit, steps: 1, trainable: blocks}, {name: connector, steps: 1, trainable: connector}]"
+    trainer = Trainer(_config(world, stages, "checkpoint_every=10"), tmp_path / "run")
+    monkeypatch.setattr(LatentCache, "__getitem__", spy)
+    trainer.run()
+    assert carried == [(False, False)] * 2 + [(True, True)] * 2  # global batch 2, one step per stage
+
+
 def test_cached_prefix_states_and_the_live_mllm_give_the_same_loss(world, tmp_path):
     """Frozen MLLM: the prefix states `prepare` cached and the MLLM over the whole request give the same
     contexts (prompt kept and dropped), losses and weights; the cached path never runs the vision tower."""

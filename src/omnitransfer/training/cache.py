@@ -157,7 +157,13 @@ class LatentCache:
 
     ``info``: the index header (height, width, num_frames, text_max_length, text_dim, latent_channels,
     model, ...). ``null_prompt``: (text_max_length, text_dim) features of the empty prompt.
+    ``read_mllm`` / ``read_reference_first_frames``: whether samples carry the MLLM's request and prefix
+    states / the references' first frames, when the cache has them (a reader that needs neither skips
+    their bytes: a 7B MLLM's prefix states are tens of MB per sample).
     """
+
+    read_mllm: bool = True
+    read_reference_first_frames: bool = True
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -224,7 +230,7 @@ class LatentCache:
             return shard.get_tensor(key(i, field))
 
         refs = range(len(entry["reference_shapes"]))
-        aligned = self.info.get("alignment")
+        aligned = self.info.get("alignment") if self.read_mllm else None
         request = prefix = None
         if aligned:
             request = mllm_request(
@@ -242,7 +248,7 @@ class LatentCache:
             references=[get(f"reference.{j}") for j in refs],
             reference_prompts=[self._pad(get(f"reference_prompt.{j}")) for j in refs],
             reference_first_frames=[(get(f"reference_condition.{j}"), get(f"reference_image_tokens.{j}")) for j in refs]
-            if self.info.get("reference_first_frames")
+            if self.info.get("reference_first_frames") and self.read_reference_first_frames
             else None,
             request=request,
             prefix=prefix,

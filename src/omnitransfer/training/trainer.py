@@ -161,9 +161,8 @@ class Trainer:
             raise InputError(f"{self.output}: holds checkpoints already: pass --resume, or choose another --output")
         self.resume_from = existing[-1] if resume and existing else None
         self.cache = LatentCache(config.data)  # validates the cache before anything heavy
-        if get_method(config.method).model.reference_needs_first_frame and not self.cache.info.get(
-            "reference_first_frames"
-        ):
+        self.cache.read_reference_first_frames = get_method(config.method).model.reference_needs_first_frame
+        if self.cache.read_reference_first_frames and not self.cache.info.get("reference_first_frames"):
             raise InputError(
                 f"method {config.method!r} conditions each reference on its first frame: "
                 "prepare the cache with --reference-first-frames"
@@ -198,6 +197,10 @@ class Trainer:
         self.history: list[tuple[int, float]] = []  # (step, loss) of every step of this run
         self._codec = None  # the VAE for validation videos, loaded at the first validation
 
+    def _read_for(self, stage: Stage) -> None:
+        """Let the cache's samples carry the MLLM's inputs only in a stage that runs the alignment module."""
+        self.cache.read_mllm = self.alignment is not None and stage.aligned
+
     def _context(self, stage: Stage, batch):
         """The target's context from the samples' dropout decisions: the alignment module's in a stage that
         trains it, else None (the batch's UMT5 features)."""
@@ -220,6 +223,7 @@ class Trainer:
         dit_optimizer, alignment_optimizer = optimizers
         model = self.model if dit_optimizer is not None else unwrap(self.model)  # a frozen DiT: no DDP reduction
         indices = self.plan.batch(step)
+        self._read_for(stage)
         per_rank = len(indices) // world.size
         mine = list(range(world.rank * per_rank, (world.rank + 1) * per_rank))  # positions in the global batch
         chunks = [mine[i : i + config.micro_batch] for i in range(0, per_rank, config.micro_batch)]
@@ -375,6 +379,7 @@ class Trainer:
         model = unwrap(self.model)  # DDP's wrapper is for training; its module samples as is
         null = self.cache.null_prompt.to(self.world.device)
         stage = self.config.stage_at(step - 1)[1]
+        self._read_for(stage)
         for i in range(min(self.config.validation_samples, len(self.cache))):
             batch = collate([self.cache[i]], [0]).to(self.world.device, torch.float32)
             context = self._context(stage, batch)
