@@ -8,7 +8,8 @@
 # 2. training data: `omnitransfer synth` (train split, all five tasks), then `omnitransfer prepare`
 #                                          -> outputs/embedded-data, outputs/embedded-cache
 # 3. the DiT: `omnitransfer train --config configs/embedded.yaml` -> outputs/embedded-dit (model/ at the end)
-# 4. a look at it and its scores: `omnitransfer demo` (per-task pictures) and `omnitransfer benchmark transfer`
+# 4. guidance and flow shift chosen on validation samples (scripts/embedded/choose_sampler.py), then a look
+#    at it and its scores: `omnitransfer demo` (per-task pictures) and `omnitransfer benchmark transfer`
 #                                          -> outputs/embedded-dit/demo, outputs/embedded-dit/benchmark.json
 # 5. install it as the package's embedded model  -> src/omnitransfer/embedded
 #
@@ -53,8 +54,9 @@ if [ -n "${DIT_STEPS:-}" ]; then SET=(--set "stages=[{name: dit, steps: $DIT_STE
 log "train"
 "${OMNI[@]}" train --config configs/embedded.yaml --output $OUT/embedded-dit "${RESUME[@]}" "${SET[@]}"
 
-# 4. look at it
-log "demo and benchmark"
+# 4. sampler settings (guidance, flow shift) chosen on validation samples, then a look at it
+log "sampler settings, demo and benchmark"
+"$PY" scripts/embedded/choose_sampler.py --model $OUT/embedded-dit/model --write
 "${OMNI[@]}" demo --model $OUT/embedded-dit/model --output $OUT/embedded-dit/demo --photo samples/camera_ref1.jpg
 "${OMNI[@]}" benchmark transfer --model $OUT/embedded-dit/model --output $OUT/embedded-dit/benchmark.json
 
