@@ -34,6 +34,8 @@ from pathlib import Path
 
 import yaml
 
+from omnitransfer.evaluation import markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name: (method, with the alignment module)
     "baseline": ("full-attention", False),
@@ -156,14 +158,11 @@ def table(results: dict[str, dict], steps: int, count: int) -> str:
         confusion = [summary[t]["model"]["all"]["reference_copy"] for t in HEADLINES]
         row += [f"{sum(temporal) / 3:.2f}", f"{sum(confusion) / len(confusion):.3f}"]
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     note = (
         f"{steps} steps of batch 16 each from the same random start; {count} test samples per task, means over "
         "the test split (seen and held-out kinds); confusion: outputs closer to the reference than to the target."
     )
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    return markdown_table(rows) + "\n\n" + note + "\n"
 
 
 def main() -> None:

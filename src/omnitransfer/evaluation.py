@@ -189,7 +189,7 @@ def aggregate(records: Sequence[Record]) -> dict[str, dict[str, dict]]:
 # ---------------------------------------------------------------------------- reporting
 
 
-def _table(rows: list[list[str]]) -> str:
+def markdown_table(rows: list[list[str]]) -> str:
     """A markdown table with padded columns (the first row is the header)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
@@ -213,7 +213,7 @@ def format_tables(records: Sequence[Record]) -> str:
                 rows.append([system, subset, str(summary["n"]), *(f"{summary[m]:.3f}" for m in metrics), timing])
         lower = [m for m in metrics if m in LOWER_IS_BETTER]
         legend = f"lower is better: {', '.join(lower)}; higher is better: the rest" if lower else "higher is better"
-        blocks.append(f"### {task}\n\n{_table(rows)}\n\n{legend}")
+        blocks.append(f"### {task}\n\n{markdown_table(rows)}\n\n{legend}")
     return "\n\n".join(blocks)
 
 
