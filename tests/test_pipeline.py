@@ -179,6 +179,14 @@ def test_base_model_chains_are_followed_and_cycles_refused(tmp_path, model_dir, 
     assert find_component(second, "alignment", required=False) is None
     assert OmniTransferPipeline.from_pretrained(second).image_encoder is not None
 
+    # settings too: the nearest folder naming one wins, the rest come from the bases
+    (first / "omnitransfer.json").write_text(json.dumps({"base_model": str(model_dir), "num_inference_steps": 7,
+                                                          "guidance_scale": 1.5}))  # fmt: skip
+    (second / "omnitransfer.json").write_text(json.dumps({"base_model": "../first", "guidance_scale": 3.0}))
+    settings = OmniTransferPipeline.from_pretrained(second).settings
+    base = OmniTransferPipeline.from_pretrained(model_dir).settings
+    assert (settings.num_inference_steps, settings.guidance_scale, settings.height) == (7, 3.0, base.height)
+
     (first / "omnitransfer.json").write_text(json.dumps({"base_model": "../second"}))
     with pytest.raises(InputError, match="base_model settings form a cycle"):
         OmniTransferPipeline.from_pretrained(second)

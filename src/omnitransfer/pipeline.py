@@ -93,6 +93,17 @@ def base_chain(folder: Path) -> list[Path]:
     return chain
 
 
+def resolved_settings(folder: Path) -> Settings:
+    """``folder``'s settings over those of its `base_chain` (the nearest folder naming a setting wins), so an
+    export that names only what training changed keeps its base's sampler defaults (steps, guidance, fps)."""
+    named: dict = {}
+    for root in reversed(base_chain(folder)):
+        settings = Settings.load(root)  # validated
+        path = root / SETTINGS_FILE
+        named |= {key: getattr(settings, key) for key in (json.loads(path.read_text()) if path.is_file() else {})}
+    return Settings(**named)
+
+
 def find_component(folder: Path, name: str, required: bool = True) -> Path | None:
     """A model folder's component folder ``name`` (e.g. "vae"): from the nearest folder of `base_chain`
     that has it; None, or InputError if ``required``, when none has."""
@@ -207,7 +218,7 @@ class OmniTransferPipeline:
         folder = Path(path) if path is not None else EMBEDDED_MODEL
         if not folder.is_dir():
             raise InputError(f"{folder}: no such model folder (expected a diffusers-format Wan2.1 I2V folder)")
-        settings = Settings.load(folder)
+        settings = resolved_settings(folder)
         method = method or settings.method
         component = partial(find_component, folder)
         try:
