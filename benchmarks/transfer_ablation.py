@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from omnitransfer.evaluation import markdown_table
+from omnitransfer.files import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name: (method, with the alignment module)
@@ -188,8 +189,7 @@ def main() -> None:
     machine = f"{platform.machine()} {platform.processor() or ''}".strip()
     if args.table is not None:
         args.table.with_suffix(".md").write_text(f"`{' '.join(sys.argv)}` on {machine}\n\n{text}")
-        args.table.with_suffix(".json").write_text(json.dumps(
-            {n: d["summary"] for n, d in results.items()}, indent=1) + "\n")  # fmt: skip
+        write_json(args.table.with_suffix(".json"), {n: d["summary"] for n, d in results.items()})
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ def choose(results: dict[tuple, dict[str, float]]) -> tuple:
 
 
 def main() -> None:
+    from omnitransfer.files import write_json
     from omnitransfer.pipeline import SETTINGS_FILE, OmniTransferPipeline
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -100,9 +101,7 @@ def main() -> None:
     print(f"chosen: guidance {guidance:g}, shift {shift:g}")
     if args.write:
         path = args.model / SETTINGS_FILE
-        settings = json.loads(path.read_text())
-        settings |= {"guidance_scale": guidance, "flow_shift": shift}
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        write_json(path, json.loads(path.read_text()) | {"guidance_scale": guidance, "flow_shift": shift}, indent=2)
         print(f"wrote {path}")
 
 

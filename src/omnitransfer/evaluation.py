@@ -173,9 +173,10 @@ def median_seconds(records: Iterable[Record]) -> float | None:
 def aggregate(records: Sequence[Record]) -> dict[str, dict[str, dict]]:
     """{task: {system: {"seconds_median": ..., subset: summarize(...)}}}, non-empty subsets only."""
     result: dict[str, dict[str, dict]] = {}
+    systems = [s for s in SYSTEMS if any(r.system == s for r in records)]
     for task in dict.fromkeys(r.task for r in records):
         result[task] = {}
-        for system in [s for s in SYSTEMS if any(r.system == s for r in records)]:
+        for system in systems:
             mine = [r for r in records if r.task == task and r.system == system]
             entry: dict = {"seconds_median": median_seconds(mine)}
             for subset in SUBSETS:

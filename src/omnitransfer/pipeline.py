@@ -56,9 +56,14 @@ class Settings:
 
     @classmethod
     def load(cls, folder: Path) -> Settings:
+        return cls(**cls.named(folder))
+
+    @classmethod
+    def named(cls, folder: Path) -> dict:
+        """The settings ``folder``'s omnitransfer.json names ({} without one), type-checked."""
         path = folder / SETTINGS_FILE
         if not path.is_file():
-            return cls()
+            return {}
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
@@ -74,7 +79,7 @@ class Settings:
             value = data.get(f.name)
             if value is not None and (not isinstance(value, expected) or isinstance(value, bool)):
                 raise InputError(f"{path}: setting {f.name!r} is {value!r}: expected a {expected}")
-        return cls(**data)
+        return data
 
 
 def base_chain(folder: Path) -> list[Path]:
@@ -98,9 +103,7 @@ def resolved_settings(folder: Path) -> Settings:
     export that names only what training changed keeps its base's sampler defaults (steps, guidance, fps)."""
     named: dict = {}
     for root in reversed(base_chain(folder)):
-        settings = Settings.load(root)  # validated
-        path = root / SETTINGS_FILE
-        named |= {key: getattr(settings, key) for key in (json.loads(path.read_text()) if path.is_file() else {})}
+        named |= Settings.named(root)
     return Settings(**named)
 
 

@@ -197,14 +197,14 @@ class Trainer:
         self.history: list[tuple[int, float]] = []  # (step, loss) of every step of this run
         self._codec = None  # the VAE for validation videos, loaded at the first validation
 
-    def _read_for(self, stage: Stage) -> None:
-        """Let the cache's samples carry the MLLM's inputs only in a stage that runs the alignment module."""
-        self.cache.read_mllm = self.alignment is not None and stage.aligned
+    def _aligned(self, stage: Stage) -> bool:
+        """Whether ``stage`` runs the alignment module (the cache's samples carry the MLLM's inputs only then)."""
+        return self.alignment is not None and stage.aligned
 
     def _context(self, stage: Stage, batch):
         """The target's context from the samples' dropout decisions: the alignment module's in a stage that
         trains it, else None (the batch's UMT5 features)."""
-        if self.alignment is None or not stage.aligned:
+        if not self._aligned(stage):
             return None
         return partial(aligning.target_contexts, self.alignment, batch, use_prefix=self.use_prefix)
 
@@ -223,7 +223,6 @@ class Trainer:
         dit_optimizer, alignment_optimizer = optimizers
         model = self.model if dit_optimizer is not None else unwrap(self.model)  # a frozen DiT: no DDP reduction
         indices = self.plan.batch(step)
-        self._read_for(stage)
         per_rank = len(indices) // world.size
         mine = list(range(world.rank * per_rank, (world.rank + 1) * per_rank))  # positions in the global batch
         chunks = [mine[i : i + config.micro_batch] for i in range(0, per_rank, config.micro_batch)]
@@ -272,6 +271,7 @@ class Trainer:
             if index != stage_index:
                 optimizers = self._optimizers(stage)
                 stage_index = index
+                self.cache.read_mllm = self._aligned(stage)
                 if optimizers == (None, None):
                     self.logger.log(step, {"stage": stage.name, "skipped": "no parameters (no alignment module)"})
                     step = stage_start + stage.steps
@@ -379,7 +379,7 @@ class Trainer:
         model = unwrap(self.model)  # DDP's wrapper is for training; its module samples as is
         null = self.cache.null_prompt.to(self.world.device)
         stage = self.config.stage_at(step - 1)[1]
-        self._read_for(stage)
+        self.cache.read_mllm = self._aligned(stage)
         for i in range(min(self.config.validation_samples, len(self.cache))):
             batch = collate([self.cache[i]], [0]).to(self.world.device, torch.float32)
             context = self._context(stage, batch)
