@@ -16,8 +16,10 @@ from omnitransfer.pipeline import EMBEDDED_MODEL
 from omnitransfer.training import cache as cache_module
 from omnitransfer.training.cache import LatentCache, tensor_shapes
 from omnitransfer.training.manifest import ManifestError, load_manifest
-from omnitransfer.training.prepare import add_prepare_command, prepare
+from omnitransfer.training.prepare import add_prepare_command, encoders_digest, prepare
 from omnitransfer.video import read_video, save_video
+
+TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 
 SIZE = dict(num_frames=5, height=32, width=32)
 Z = PatchCodec.from_pretrained(EMBEDDED_MODEL / "vae").latent_channels  # the embedded model's latent channels
@@ -314,6 +316,39 @@ def test_resume_encodes_only_missing_shard(cache_dir, data, tmp_path, monkeypatc
 
     with pytest.raises(InputError, match="holds another preparation.*height"):
         _prepare(data / "good.jsonl", resumed, height=48)
+
+
+def test_a_cache_goes_stale_when_its_encoders_change(cache_dir, data, tmp_path):
+    """Refitting the codec in the same model folder: prepare will not resume the old cache, and the
+    trainer will not train that model on it (its latents are another codec's)."""
+    from omnitransfer.training.config import load_config
+    from omnitransfer.training.trainer import Trainer
+
+    model = tmp_path / "model"
+    shutil.copytree(EMBEDDED_MODEL, model)
+    assert encoders_digest(model) == encoders_digest(None)  # the files' content counts, not their place
+    resumed = tmp_path / "cache"
+    shutil.copytree(cache_dir, resumed)
+    fingerprint = json.loads((resumed / "prepare.json").read_text())
+    fingerprint["model"] = str(model.resolve())
+    (resumed / "prepare.json").write_text(json.dumps(fingerprint))
+    overrides = [
+        f"data={resumed}",
+        f"model={model}",
+        "stages=[{name: dit, steps: 1, trainable: blocks}]",
+        "global_batch=1",
+        "micro_batch=1",
+    ]
+    Trainer(load_config(TOY, overrides), tmp_path / "same")  # same encoders: accepted
+
+    codec = PatchCodec.from_pretrained(model / "vae")
+    codec.group_scale.mul_(2)
+    codec.save_pretrained(model / "vae")
+    assert encoders_digest(model) != encoders_digest(None)
+    with pytest.raises(InputError, match="holds another preparation.*encoders"):
+        prepare(data / "good.jsonl", resumed, model, shard_size=3, progress=False, **SIZE)
+    with pytest.raises(InputError, match="prepared with other encoders"):
+        Trainer(load_config(TOY, overrides), tmp_path / "refitted")
 
 
 def test_corrupt_cache_is_one_line_input_error(cache_dir, tmp_path):

@@ -9,8 +9,12 @@ compression. ``PatchCodec`` keeps exactly that latent layout -- F frames (4k+1) 
 
 The components are orthonormal, so the codec is the best linear autoencoder of its size on the clips it
 was fitted on (mean squared error), the latent's squared distances are pixel squared distances within the
-kept subspace, and decoding is the transpose. One global scale makes the latents unit-variance, as Wan's
-per-channel ``latents_mean`` / ``latents_std`` do.
+kept subspace, and decoding is the transpose. Each latent channel is then divided by its own standard
+deviation (the square root of its component's eigenvalue; the first frame's and the groups' apart), so every
+channel is unit-variance, as Wan's per-channel ``latents_mean`` / ``latents_std`` make its VAE's. Why per
+channel: the components' spreads span 25x (a 4-frame block's mean colour vs its fine texture and motion), and
+under one global scale a flow-matching loss barely weighs the small channels -- exactly the ones that carry
+texture and the motion within a group -- and the forward noise drowns them long before the coarse ones.
 
 Why not a small trained ``AutoencoderKLWan``: on the synthetic world it collapsed to an input-independent
 decoder at 16 dB (scripts/embedded/README.md), while these components reach 23-25 dB with no training.
@@ -44,7 +48,8 @@ class PatchCodec(CausalLatentLayout, nn.Module):
         self.register_buffer("intra_basis", torch.eye(3 * s * s)[:, :z].clone())  # (3*s*s, z)
         self.register_buffer("group_mean", torch.zeros(3 * t * s * s))
         self.register_buffer("group_basis", torch.eye(3 * t * s * s)[:, :z].clone())  # (3*t*s*s, z)
-        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("intra_scale", torch.ones(z))  # per-channel standard deviations
+        self.register_buffer("group_scale", torch.ones(z))
 
     # ---- the WanVAECodec interface --------------------------------------------------------------------
     @property
@@ -53,7 +58,7 @@ class PatchCodec(CausalLatentLayout, nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.scale.device
+        return self.intra_scale.device
 
     def _blocks(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, F, H, W) -> first-frame patches (B, h, w, 3*s*s) and group blocks (B, g, h, w, 3*t*s*s)."""
@@ -70,20 +75,20 @@ class PatchCodec(CausalLatentLayout, nn.Module):
         """(B, 3, F, H, W) in [-1, 1] -> normalised latents (B, z, 1 + (F-1)/t, H/s, W/s), float32."""
         self.check_num_frames(video.shape[2])
         first, rest = self._blocks(video.to(self.device, torch.float32))
-        z0 = (first - self.intra_mean) @ self.intra_basis  # (B, h, w, z)
-        zs = (rest - self.group_mean) @ self.group_basis  # (B, g, h, w, z)
+        z0 = (first - self.intra_mean) @ self.intra_basis / self.intra_scale  # (B, h, w, z)
+        zs = (rest - self.group_mean) @ self.group_basis / self.group_scale  # (B, g, h, w, z)
         latents = torch.cat([z0.unsqueeze(1), zs], 1)  # (B, f, h, w, z)
-        return latents.permute(0, 4, 1, 2, 3).contiguous() / self.scale
+        return latents.permute(0, 4, 1, 2, 3).contiguous()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, z, f, h, w) -> (B, 3, 1 + (f-1)*t, h*s, w*s) in [-1, 1], float32."""
-        latents = latents.to(self.device, torch.float32).permute(0, 2, 3, 4, 1) * self.scale  # (B, f, h, w, z)
+        latents = latents.to(self.device, torch.float32).permute(0, 2, 3, 4, 1)  # (B, f, h, w, z)
         b, f, h, w, _ = latents.shape
         s, t = self.spatial_factor, self.temporal_factor
-        first = latents[:, 0] @ self.intra_basis.T + self.intra_mean  # (B, h, w, 3*s*s)
+        first = (latents[:, 0] * self.intra_scale) @ self.intra_basis.T + self.intra_mean  # (B, h, w, 3*s*s)
         first = first.reshape(b, h, w, 3, 1, s, s).permute(0, 3, 4, 1, 5, 2, 6).reshape(b, 3, 1, h * s, w * s)
-        rest = latents[:, 1:] @ self.group_basis.T + self.group_mean  # (B, g, h, w, 3*t*s*s)
+        rest = (latents[:, 1:] * self.group_scale) @ self.group_basis.T + self.group_mean  # (B, g, h, w, 3*t*s*s)
         rest = rest.reshape(b, f - 1, h, w, 3, t, s, s).permute(0, 4, 1, 5, 2, 6, 3, 7)
         rest = rest.reshape(b, 3, (f - 1) * t, h * s, w * s)
         return torch.cat([first, rest], 2).clamp(-1, 1)
@@ -91,19 +96,21 @@ class PatchCodec(CausalLatentLayout, nn.Module):
     # ---- fitting ---------------------------------------------------------------------------------------
     @classmethod
     def fit(cls, clips: torch.Tensor, latent_channels: int = 32, temporal_factor: int = 4, spatial_factor: int = 8):
-        """Principal components of the patches of ``clips`` (N, 3, F, H, W) in [-1, 1] (computed in float64)."""
+        """Principal components of the patches of ``clips`` (N, 3, F, H, W) in [-1, 1] and their standard
+        deviations (computed in float64)."""
         codec = cls(latent_channels, temporal_factor, spatial_factor)
         first, rest = codec._blocks(clips.float())
         for name, blocks in (("intra", first), ("group", rest)):
             x = blocks.reshape(-1, blocks.shape[-1]).double()
             mean = x.mean(0)
             covariance = (x - mean).T @ (x - mean) / len(x)
-            _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
+            values, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
             basis = vectors.flip(1)[:, :latent_channels]
             basis = basis * torch.where(basis.sum(0) < 0, -1.0, 1.0)  # a deterministic sign per component
+            spread = values.flip(0)[:latent_channels].clamp_min(1e-12).sqrt()  # each component's std
             getattr(codec, f"{name}_mean").copy_(mean.float())
             getattr(codec, f"{name}_basis").copy_(basis.float())
-        codec.scale.fill_(float(codec.encode(clips).std()))
+            getattr(codec, f"{name}_scale").copy_(spread.float())
         return codec
 
     # ---- folders ---------------------------------------------------------------------------------------

@@ -2,11 +2,11 @@
 
 Every distinct video is decoded and encoded once, every distinct prompt once, at the target size;
 references are resized and resampled to the target's size and frame count, as at generation. A rerun
-into the same folder with the same fingerprint (manifest + sha256, model, sizes, shard size, dtype)
-skips the complete shards; a shard only exists once complete, so an interrupted run loses at most the
-shard it was writing. With an alignment module the fingerprint also holds its MLLM folder, the precision
-of its weights and its settings (``training.alignment.describe``). The cache layout is described in
-`omnitransfer.training.cache`.
+into the same folder with the same fingerprint (manifest + sha256, model and a digest of its encoders'
+files, sizes, shard size, dtype) skips the complete shards; a shard only exists once complete, so an
+interrupted run loses at most the shard it was writing. With an alignment module the fingerprint also
+holds its MLLM folder, the precision of its weights and its settings (``training.alignment.describe``).
+The cache layout is described in `omnitransfer.training.cache`.
 
 For an alignment module (the model folder's ``alignment/``, or the one a training config defines:
 ``--alignment CONFIG``) each record also gets what the MLLM reads at its own resolution, and, when the
@@ -37,6 +37,30 @@ if TYPE_CHECKING:  # heavy modules load only when preparing (the CLI's argument 
     from ..pipeline import OmniTransferPipeline
 
 DTYPES = ("float32", "bfloat16")
+#: the component folders whose files make a cache's features: a cache is stale once one of them changes
+ENCODERS = ("vae", "text_encoder", "tokenizer", "image_encoder")
+SAMPLED = 1 << 20  # bytes hashed from each end of a file
+
+
+def encoders_digest(model: str | Path | None) -> str:
+    """A digest of the encoder files a cache is made with (``ENCODERS``, found along the model's
+    ``base_model`` chain): each file's name, size, first and last MiB. Cheap at 14B scale (UMT5 alone is
+    11 GB), yet it changes when a codec is refitted or an encoder retrained in the same folder."""
+    from ..pipeline import EMBEDDED_MODEL, find_component
+
+    digest = hashlib.sha256()
+    for name in ENCODERS:
+        folder = find_component(Path(model) if model is not None else EMBEDDED_MODEL, name, required=False)
+        for path in sorted(folder.rglob("*")) if folder is not None else []:
+            if not path.is_file():
+                continue
+            size = path.stat().st_size
+            digest.update(f"{name}/{path.relative_to(folder).as_posix()}:{size}".encode())
+            with path.open("rb") as f:
+                digest.update(f.read(SAMPLED))
+                f.seek(max(0, size - SAMPLED))
+                digest.update(f.read(SAMPLED))
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -155,6 +179,7 @@ def prepare(
         "manifest": str(manifest),
         "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
         "model": str(Path(model).resolve()) if model is not None else "embedded",
+        "encoders": encoders_digest(model),
         "height": height,
         "width": width,
         "num_frames": num_frames,
@@ -179,6 +204,7 @@ def prepare(
     header = {
         "manifest": str(manifest),
         "model": fingerprint["model"],
+        "encoders": fingerprint["encoders"],
         "height": height,
         "width": width,
         "num_frames": num_frames,

@@ -51,6 +51,7 @@ from .parallelize import (
     parallelize,
     unwrap,
 )
+from .prepare import encoders_digest
 
 VALIDATION_FPS = 8
 
@@ -166,6 +167,12 @@ class Trainer:
             raise InputError(
                 f"method {config.method!r} conditions each reference on its first frame: "
                 "prepare the cache with --reference-first-frames"
+            )
+        made_with = self.cache.info.get("encoders")
+        if made_with is not None and made_with != encoders_digest(config.model_folder):
+            raise InputError(
+                f"{config.data}: prepared with other encoders (codec, text or image encoder) than "
+                f"{config.model_folder}'s: prepare the cache again with this model"
             )
         self.plan = BatchPlan(
             [self.cache.signature(i) for i in range(len(self.cache))], config.global_batch, config.seed
