@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from omnitransfer.cli import main as cli_main
+from omnitransfer.errors import InputError
 from omnitransfer.video import save_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,6 +172,27 @@ def test_training_loss_falls(cache, tmp_path):
     curve = [loss for _, loss in trainer.history]
     first, last = np.mean(curve[:25]), np.mean(curve[-25:])
     assert last < 0.8 * first, (first, last)  # measured: 1.11 -> 0.72 (and 0.57 after 250 steps)
+
+
+def test_a_stage_can_shift_its_noise_levels(cache, tmp_path):
+    """``shift`` in a stage replaces timesteps.shift there only: the same step draws other noise levels."""
+    from omnitransfer.training.config import load_config
+    from omnitransfer.training.trainer import Trainer
+
+    def losses(stages: str, name: str) -> list[float]:
+        overrides = [f"data={cache}", f"stages={stages}", "checkpoint_every=1000", "log_every=1000"]
+        trainer = Trainer(load_config(TOY, overrides), tmp_path / name)
+        trainer.run()
+        return [loss for _, loss in trainer.history]
+
+    plain = losses("[{name: a, steps: 2, trainable: blocks}]", "plain")
+    same = losses("[{name: a, steps: 2, trainable: blocks, shift: 1.0}]", "same")  # the config's own shift
+    shifted = losses("[{name: a, steps: 1, trainable: blocks}, {name: b, steps: 1, trainable: blocks, shift: 5.0}]",
+                     "shifted")  # fmt: skip
+    assert same == plain
+    assert shifted[0] == plain[0] and shifted[1] != plain[1]
+    with pytest.raises(InputError, match=r"stages\[0\]\.shift"):
+        load_config(TOY, [f"data={cache}", "stages=[{name: a, steps: 1, shift: 0}]"])
 
 
 def _tiny_batch(seed: int = 0):

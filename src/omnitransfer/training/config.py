@@ -18,12 +18,13 @@ MLLM_DTYPES = ("float32", "bfloat16")
 
 @dataclass
 class Stage:
-    """One stage of the recipe: how many steps, which parameters train, and at which learning rate."""
+    """One stage of the recipe: how many steps, which parameters train, at which learning rate and noise levels."""
 
     name: str
     steps: int
     trainable: str = "blocks"  # "blocks": the DiT blocks; "connector": the alignment module; "all"
     lr: float | None = None  # None: optim.lr
+    shift: float | None = None  # the noise levels' shift in this stage; None: timesteps.shift
 
     @property
     def aligned(self) -> bool:
@@ -196,6 +197,8 @@ def _check(config: TrainConfig, where: str) -> TrainConfig:
             raise InputError(f"{where}.stages[{i}].trainable: {stage.trainable!r} is not one of {TRAINABLE_SETS}")
         if stage.steps < 0:
             raise InputError(f"{where}.stages[{i}].steps: expected >= 0, got {stage.steps}")
+        if stage.shift is not None and stage.shift <= 0:
+            raise InputError(f"{where}.stages[{i}].shift: expected > 0, got {stage.shift}")
     if config.keep_checkpoints < 1:
         raise InputError(f"{where}.keep_checkpoints: expected at least 1, got {config.keep_checkpoints}")
     if config.global_batch < 1 or config.micro_batch < 1:

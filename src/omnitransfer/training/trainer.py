@@ -7,6 +7,7 @@ import resource
 import shutil
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -234,6 +235,7 @@ class Trainer:
         mine = list(range(world.rank * per_rank, (world.rank + 1) * per_rank))  # positions in the global batch
         chunks = [mine[i : i + config.micro_batch] for i in range(0, per_rank, config.micro_batch)]
         null = self.cache.null_prompt.to(world.device)
+        timesteps = config.timesteps if stage.shift is None else replace(config.timesteps, shift=stage.shift)
         total, tokens = 0.0, 0
         for n, chunk in enumerate(chunks):
             batch = collate([self.cache[indices[p]] for p in chunk], chunk).to(world.device, torch.float32)
@@ -241,7 +243,7 @@ class Trainer:
             tokens += len(chunk) * sum(math.prod(grid(x)) for x in [batch.target, *batch.references])
             with gradient_sync(model, n == len(chunks) - 1), autocast(config.parallel, world):
                 loss = flow_matching_loss(
-                    model, batch, null, config.timesteps, config.prompt_dropout, config.seed, step,
+                    model, batch, null, timesteps, config.prompt_dropout, config.seed, step,
                     input_dtype(config.parallel, world), self._context(stage, batch),
                 )  # fmt: skip
                 (loss * len(chunk) / per_rank).backward()
