@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,12 +132,16 @@ def test_checkpoint_of_another_architecture_stops_before_training(cache, tmp_pat
     other = tmp_path / "other"
     from omnitransfer.pipeline import EMBEDDED_MODEL
     from omnitransfer.tiny import TinySize, build_tiny_wan_i2v
+    from omnitransfer.training.prepare import ENCODERS
 
     cfg = json.loads((EMBEDDED_MODEL / "transformer" / "config.json").read_text())
     n = cfg["num_layers"]
     keep = ("num_attention_heads", "attention_head_dim", "ffn_dim", "freq_dim")
     size = TinySize(num_layers=n - 1, z_dim=cfg["out_channels"], **{k: cfg[k] for k in keep})
     build_tiny_wan_i2v(other, size=size)  # the embedded architecture with one block fewer
+    for name in ENCODERS:  # with the embedded encoders, which made the cache
+        shutil.rmtree(other / name)
+        shutil.copytree(EMBEDDED_MODEL / name, other / name)
     again = train(cache, run, f"model={other}", resume=True)
     lines = again.stderr.strip().splitlines()
     assert again.returncode == 2 and len(lines) == 1, again.stderr
