@@ -133,7 +133,7 @@ def round_trip_scores(pipe, count: int = 10) -> dict[str, float]:
     import numpy as np
     import torch
 
-    from omnitransfer.codecs import to_uint8
+    from omnitransfer.codecs import to_uint8, to_unit_range
     from omnitransfer.evaluation import native_sample
     from omnitransfer.synthetic.metrics import candidate_descriptors, evaluate
     from omnitransfer.tasks import Family, Task
@@ -145,9 +145,8 @@ def round_trip_scores(pipe, count: int = 10) -> dict[str, float]:
         values = []
         for index in range(count):
             sample = native_sample(pipe, task, index)
-            video = torch.from_numpy(sample.target).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, F, H, W)
             with torch.no_grad():
-                decoded = to_uint8(pipe.codec.decode(pipe.codec.encode(video)))
+                decoded = to_uint8(pipe.codec.decode(pipe.codec.encode(to_unit_range(sample.target))))
             candidates = candidate_descriptors(sample) if task.family is Family.APPEARANCE else None
             values.append(evaluate(sample, decoded, candidates)[headline[task.value]])
         scores[f"{task.value} {headline[task.value]}"] = round(float(np.mean(values)), 3)
