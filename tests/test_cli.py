@@ -1,6 +1,7 @@
 """The CLI as a user runs it: a real subprocess, the embedded model, real video files."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,22 @@ def bad_files(tmp_path_factory):
     with av.open(str(root / "empty.mp4"), "w") as container:  # a video stream with no frames
         stream = container.add_stream("libx264", rate=8)
         stream.width, stream.height = 16, 16
+    from PIL import Image
+
+    from omnitransfer.pipeline import EMBEDDED_MODEL
+
+    Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(root / "first.png")
+    (root / "dir.mp4").mkdir()
+    for name in ("no_image_encoder", "truncated"):  # the embedded model, one part missing or cut short
+        (root / name).mkdir()
+        for part in EMBEDDED_MODEL.iterdir():
+            if part.name not in ("image_encoder", "text_encoder"):
+                (root / name / part.name).symlink_to(part)
+    (root / "no_image_encoder" / "text_encoder").symlink_to(EMBEDDED_MODEL / "text_encoder")
+    shutil.copytree(EMBEDDED_MODEL / "text_encoder", root / "truncated" / "text_encoder")
+    (root / "truncated" / "image_encoder").symlink_to(EMBEDDED_MODEL / "image_encoder")
+    weights = root / "truncated" / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     return root
 
 
@@ -114,6 +131,20 @@ BAD = {
     "bad device": (["--ref", "camera={root}/ok.mp4", "--device", "toaster"], "--device 'toaster'"),
     "bad fps": (["--ref", "camera={root}/ok.mp4", "--fps", "-3"], "--fps -3"),
     "not mp4": (["--ref", "camera={root}/ok.mp4", "--output-ext", ".avi"], "expected a .mp4 path"),
+    "output under a file": (
+        ["--ref", "camera={root}/ok.mp4", "--output-at", "{root}/ok.mp4/out.mp4"],
+        "ok.mp4 is a file, not a folder",
+    ),  # fmt: skip
+    "output is a folder": (["--ref", "camera={root}/ok.mp4", "--output-at", "{root}/dir.mp4"], "not a folder"),
+    "huge seed": (["--seed", "99999999999999999999999"], "argument --seed: expected an integer from 0"),
+    "flow shift nan": (["--ref", "camera={root}/ok.mp4", "--flow-shift", "nan"], "--flow-shift nan"),
+    "infinite guidance": (["--ref", "camera={root}/ok.mp4", "--guidance", "inf"], "--guidance inf"),
+    "meta device": (["--ref", "camera={root}/ok.mp4", "--device", "meta"], "--device meta"),
+    "no image encoder": (
+        ["--ref", "camera={root}/ok.mp4", "--image", "{root}/first.png", "--model", "{root}/no_image_encoder"],
+        "no image_encoder",
+    ),  # fmt: skip
+    "truncated weights": (["--ref", "camera={root}/ok.mp4", "--model", "{root}/truncated"], "cannot load the model"),
 }
 
 
@@ -126,9 +157,16 @@ def test_bad_input_gives_one_line_and_no_output(bad_files, tmp_path, case):
         i = args.index("--output-ext")
         out = tmp_path / f"out{args[i + 1]}"
         del args[i : i + 2]
+    if "--output-at" in args:  # a path under the fixture's folder, which must stay as it was
+        i = args.index("--output-at")
+        out, before = Path(args[i + 1]), sorted(bad_files.rglob("*"))
+        del args[i : i + 2]
     result = run("generate", *args, "--steps", "1", "--quiet", "--output", out)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert message in lines[0] and "Traceback" not in result.stderr
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    if out.parent == tmp_path:
+        assert not out.exists() and list(tmp_path.iterdir()) == []
+    else:
+        assert sorted(bad_files.rglob("*")) == before

@@ -195,6 +195,30 @@ def test_base_model_chains_are_followed_and_cycles_refused(tmp_path, model_dir, 
         OmniTransferPipeline.from_pretrained(second)
 
 
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"flow_shift": -1}, "'flow_shift' is -1: expected a positive number"),
+        ({"fps": 0}, "'fps' is 0: expected a positive number"),
+        ({"height": "64"}, "'height' is '64': expected int"),
+        ({"guidance_scale": float("inf")}, "'guidance_scale' is inf: expected a finite number"),
+        ({"scheduler": "ddim"}, "'scheduler' is 'ddim'"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_file(tmp_path, model_dir, setting, message):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "omnitransfer.json").write_text(json.dumps({"base_model": str(model_dir), **setting}))
+    with pytest.raises(InputError, match=f"omnitransfer.json: setting {message}"):
+        OmniTransferPipeline.from_pretrained(folder)
+
+
+def test_bad_sampler_arguments_are_refused_before_sampling(pipe):
+    for options, message in (({"flow_shift": 0.0}, "flow shift 0.0"), ({"guidance_scale": float("nan")}, "guidance")):
+        with pytest.raises(InputError, match=message):
+            pipe(prompt="a field", num_inference_steps=1, **options)
+
+
 @pytest.mark.parametrize("method", ["vap", "full-attention", "full-attention-tpb"])
 def test_every_method_runs_through_the_same_pipeline(model_dir, pipe, method):
     other = OmniTransferPipeline.from_pretrained(model_dir, method=method)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 
@@ -27,7 +26,6 @@ from omnitransfer.synthetic import (
     world,
 )
 from omnitransfer.synthetic.alignment import estimate_motion, phase_correlation
-from omnitransfer.synthetic.cli import add_synth_command
 from omnitransfer.synthetic.raster import gaussian_blur, luminance
 from omnitransfer.synthetic.textures import fractal_noise
 from omnitransfer.tasks import Family, Task
@@ -276,9 +274,10 @@ def test_reference_copy_flags_an_output_that_reproduces_the_reference(task):
 
 
 def run(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser()
-    add_synth_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["synth", *map(str, argv)])
+    """`omnitransfer synth ARGV` in this process, as the CLI parses it (argument errors are InputErrors)."""
+    from omnitransfer.cli import build_parser
+
+    args = build_parser().parse_args(["synth", *map(str, argv)])
     args.run(args)
 
 
@@ -318,9 +317,14 @@ def test_synth_refuses_bad_arguments_and_overwrites(tmp_path):
         run(["--task", "style", "--count", 2, "--output", tmp_path, "--quiet"])
     run(["--task", "effect", "--count", 1, "--output", tmp_path, "--quiet", "--frames", 5])  # other task: appends
     assert len((tmp_path / "manifest.jsonl").read_text().splitlines()) == 2
-    for bad in (["--height", 60], ["--width", 0], ["--frames", 16], ["--count", 0], ["--fps", 0]):
+    for bad in (["--height", 60], ["--width", 0], ["--frames", 16], ["--count", 0], ["--count", 1_000_001],
+                ["--fps", 0], ["--fps", "inf"]):  # fmt: skip
         with pytest.raises(InputError):
             run(["--task", "camera", "--count", 1, "--output", tmp_path / "x", "--quiet", *bad])
     with pytest.raises(InputError, match="unknown task"):
         run(["--task", "dance", "--count", 1, "--output", tmp_path / "x"])
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        run(["--task", "camera", "--count", 1, "--output", tmp_path / "manifest.jsonl" / "x"])
+    with pytest.raises(InputError, match="--seed"):
+        run(["--task", "camera", "--count", 1, "--output", tmp_path / "x", "--seed", -5])
     assert not (tmp_path / "x").exists()

@@ -365,3 +365,37 @@ def test_fsdp_bf16_with_checkpointing_ema_and_validation(cache, tmp_path):
     assert bf16.returncode == 0, bf16.stderr[-2000:]
     np.testing.assert_allclose(losses(bf16.stdout), losses(fp32.stdout), rtol=0.03)  # bf16 rounding only
     assert len(list((tmp_path / "bf16" / "validation").glob("step-*/sample-*.mp4"))) == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("global_batch='16'", "global_batch: expected an integer, got '16'"),
+        ("optim.betas=0.9", "optim.betas: expected a list"),
+        ("optim.lr=-1", "optim.lr: expected a positive number"),
+        ("optim.lr=fast", "optim.lr: expected a number"),
+        ("checkpoint_every=0", "checkpoint_every: expected at least 1"),
+        ("ema_decay=5", r"ema_decay: expected in \[0, 1\)"),
+        ("lora.rank=-4", "lora.rank: expected >= 0"),
+        ("stages=[{steps: 5}]", r"stages\[0\]: missing key 'name'"),
+        ("stages=[{name: a, steps: abc}]", r"stages\[0\]\.steps: expected an integer"),
+        ("optim.lr=[1", "not valid YAML"),
+    ],
+)
+def test_bad_config_values_are_refused_naming_their_key(override, message):
+    from omnitransfer.training.config import load_config
+
+    with pytest.raises(InputError, match=message):
+        load_config(TOY, ["data=cache", override])
+
+
+def test_config_numbers_in_any_yaml_spelling(tmp_path):
+    """YAML reads ``1e-4`` as a string and ``1`` as an int: a float setting takes both as numbers."""
+    from omnitransfer.training.config import load_config
+
+    config = load_config(TOY, ["data=cache", "optim.lr=1e-4", "optim.grad_clip=1"])
+    assert config.optim.lr == 1e-4 and isinstance(config.optim.grad_clip, float)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("5\n")
+    with pytest.raises(InputError, match="expected a mapping of settings"):
+        load_config(scalar)

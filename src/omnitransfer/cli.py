@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
+import math
 import sys
 import time
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, check_positive, seed
+from .files import check_writable
 from .synthetic.cli import add_synth_command
-from .tasks import Task
+from .tasks import Family, Task
 from .training.prepare import add_prepare_command, run_prepare
 from .video import check_num_frames, read_image, save_video, video_info
 
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (<= 1 disables it)")
     gen.add_argument("--scheduler", choices=["unipc", "euler"], help="flow-matching solver")
     gen.add_argument("--flow-shift", type=float, help="flow shift of the noise schedule")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=seed, default=0)
     gen.add_argument("--fps", type=int, help="frame rate of the written video (model default otherwise)")
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     gen.add_argument("--bf16", action="store_true", help="run the transformer and text encoder in bfloat16")
@@ -110,7 +111,7 @@ def _add_benchmark_command(sub) -> None:
     )
     transfer.add_argument("--count", type=int, default=20, help="test samples per task (indices 0..count-1)")
     transfer.add_argument("--steps", type=int, help="denoising steps (the model's default otherwise)")
-    transfer.add_argument("--seed", type=int, default=0, help="test sample i is generated with seed + i")
+    transfer.add_argument("--seed", type=seed, default=0, help="test sample i is generated with seed + i")
     transfer.add_argument("--output", type=Path, help="a .json file for every per-sample and mean number")
     transfer.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     transfer.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -123,7 +124,7 @@ def _add_demo_command(sub) -> None:
     demo.add_argument("--model", type=Path, help="a model folder; the embedded model otherwise")
     demo.add_argument("--index", type=int, default=0, help="test sample index (as `omnitransfer synth --split test`)")
     demo.add_argument("--steps", type=int, help="denoising steps (the model's default otherwise)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=seed, default=0)
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     demo.add_argument(
         "--photo", type=Path, action="append", default=[],
@@ -142,11 +143,9 @@ def _quiet_libraries() -> None:
         lib.utils.logging.disable_progress_bar()
 
 
-def _load_pipeline(model: Path | None, device: str, dtype=None, method: str | None = None):
-    """Check the device, quieten the libraries and load the pipeline (float32 unless ``dtype``)."""
+def _check_device(device: str) -> None:
+    """--device must name a torch device that exists here and can hold a tensor."""
     import torch
-
-    from .pipeline import OmniTransferPipeline
 
     try:
         parsed = torch.device(device)
@@ -154,8 +153,27 @@ def _load_pipeline(model: Path | None, device: str, dtype=None, method: str | No
         raise InputError(f"--device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA GPU is available here")
+    if parsed.type == "meta":
+        raise InputError(f"--device {device}: expected a device that holds data (e.g. cpu, cuda)")
+    try:
+        torch.empty(1, device=parsed)
+    except (RuntimeError, AssertionError) as err:
+        raise InputError(f"--device {device}: not available here ({str(err).strip().split('. ')[0]})") from None
+
+
+def _load_pipeline(model: Path | None, device: str, dtype=None, method: str | None = None, first_frames=False):
+    """Check the device, quieten the libraries and load the pipeline (float32 unless ``dtype``);
+    ``first_frames``: the work ahead gives first frames, so the model must have an image encoder."""
+    import torch
+
+    from .pipeline import OmniTransferPipeline
+
+    _check_device(device)
     _quiet_libraries()
-    return OmniTransferPipeline.from_pretrained(model, dtype or torch.float32, device, method=method)
+    pipe = OmniTransferPipeline.from_pretrained(model, dtype or torch.float32, device, method=method)
+    if first_frames and pipe.image_encoder is None:
+        raise InputError(f"{model}: no image_encoder (a text-to-video model), but first frames are given")
+    return pipe
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -169,6 +187,11 @@ def _generate(args: argparse.Namespace) -> None:
         raise InputError(f"{len(args.ref_prompt)} --ref-prompt for {len(refs)} --ref: expected at most one per --ref")
     if args.output.suffix.lower() != ".mp4":
         raise InputError(f"--output {args.output}: expected a .mp4 path")
+    check_writable(args.output, "--output")  # before the work, not when saving it
+    if args.flow_shift is not None and not check_positive(args.flow_shift):
+        raise InputError(f"--flow-shift {args.flow_shift}: expected a positive number")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise InputError(f"--guidance {args.guidance}: expected a finite number")
     if args.frames is not None:
         check_num_frames(args.frames, what="--frames")
     if args.fps is not None and args.fps <= 0:
@@ -179,7 +202,8 @@ def _generate(args: argparse.Namespace) -> None:
     from .pipeline import Reference
 
     start = time.perf_counter()
-    pipe = _load_pipeline(args.model, args.device, torch.bfloat16 if args.bf16 else None, args.method)
+    dtype = torch.bfloat16 if args.bf16 else None
+    pipe = _load_pipeline(args.model, args.device, dtype, args.method, first_frames=args.image is not None)
     captions = args.ref_prompt + [""] * (len(refs) - len(args.ref_prompt))
     frames = pipe(
         references=[Reference(task, path, prompt) for (task, path), prompt in zip(refs, captions)],
@@ -210,15 +234,11 @@ def _benchmark_transfer(args: argparse.Namespace) -> None:
     everything = [name.strip().lower() for name in names] == ["all"]
     tasks = evaluation.check_options(list(Task) if everything else names, args.count, args.steps)
     if args.output is not None:
-        if args.output.suffix.lower() != ".json" or args.output.is_dir():
+        if args.output.suffix.lower() != ".json":
             raise InputError(f"--output {args.output}: expected a .json file path")
-        folder = args.output.parent
-        while not folder.exists():  # the nearest existing folder must take the report (checked before hours of work)
-            folder = folder.parent
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise InputError(f"--output {args.output}: {folder} is not writable")
+        check_writable(args.output, "--output")  # before hours of work
     start = time.perf_counter()
-    pipe = _load_pipeline(args.model, args.device)
+    pipe = _load_pipeline(args.model, args.device, first_frames=any(t.family is Family.TEMPORAL for t in tasks))
     records = evaluation.run_benchmark(pipe, tasks, args.count, args.steps, args.seed, progress=not args.quiet)
     steps = args.steps or pipe.settings.num_inference_steps
     s = pipe.settings
@@ -241,14 +261,17 @@ def _demo(args: argparse.Namespace) -> None:
 
     for photo in args.photo:
         read_image(photo, 16, 16)  # unreadable photos fail before the model loads
+    check_writable(args.output, "--output", folder=True)
     start = time.perf_counter()
-    pipe = _load_pipeline(args.model, args.device)
+    pipe = _load_pipeline(args.model, args.device, first_frames=True)  # the temporal tasks' first frames
     folders = write_demo(pipe, args.output, args.index, steps=args.steps, seed=args.seed)
     photo_camera_transfer(pipe, args.photo, args.output, args.index, steps=args.steps, seed=args.seed)
     print(f"wrote {len(folders)} task folders under {args.output} in {time.perf_counter() - start:.1f} s")
 
 
 def _prepare(args: argparse.Namespace) -> None:
+    check_writable(args.output, "--output", folder=True)
+    _check_device(args.device)
     _quiet_libraries()
     run_prepare(args)
 
@@ -258,6 +281,9 @@ def _train(args: argparse.Namespace) -> None:
     from .training.trainer import Trainer
 
     config = load_config(args.config, args.set)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise InputError(f"--max-steps {args.max_steps}: expected at least 1")
+    check_writable(args.output, "--output", folder=True)
     _quiet_libraries()
     Trainer(config, args.output, resume=args.resume, max_steps=args.max_steps).run()
 
@@ -272,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("omnitransfer: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # the machine's, not the input's: a full disk, a folder gone read-only mid-run
+        print(f"omnitransfer: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

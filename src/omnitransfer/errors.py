@@ -1,5 +1,29 @@
-"""Exceptions shared across omnitransfer."""
+"""Exceptions and input checks shared across omnitransfer."""
+
+import math
 
 
 class InputError(ValueError):
     """A problem with user-supplied input; the message is one line naming the input and what was expected."""
+
+
+def check_positive(value: float) -> bool:
+    """Whether ``value`` is a finite number above 0 (NaN and infinity are not)."""
+    return math.isfinite(value) and value > 0
+
+
+#: seeds are what torch.Generator.manual_seed takes, from 0
+MAX_SEED = 2**63 - 1
+
+
+def seed(text: str) -> int:
+    """argparse type of every ``--seed``: an integer in 0..MAX_SEED (argparse names the option on failure)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_SEED}, got {text!r}")
+    return value

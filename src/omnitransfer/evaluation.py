@@ -25,6 +25,7 @@ import numpy as np
 from .errors import InputError
 from .synthetic import Sample, make_sample
 from .synthetic.metrics import candidate_descriptors, evaluate
+from .synthetic.world import SAMPLES_PER_SPLIT
 from .tasks import Family, Task
 
 SYSTEMS = ("model", "no-reference", "copy")
@@ -65,8 +66,8 @@ def check_options(tasks: Iterable[Task | str], count: int, steps: int | None = N
     parsed = list(dict.fromkeys(t if isinstance(t, Task) else Task.parse(t) for t in tasks))
     if not parsed:
         raise InputError("--tasks: expected at least one task")
-    if count < 1:
-        raise InputError(f"--count {count}: expected at least 1 test sample per task")
+    if not 1 <= count <= SAMPLES_PER_SPLIT:
+        raise InputError(f"--count {count}: expected 1 to {SAMPLES_PER_SPLIT} test samples per task")
     if steps is not None and steps < 1:
         raise InputError(f"--steps {steps}: expected at least 1")
     return parsed

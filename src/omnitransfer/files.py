@@ -6,9 +6,12 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import InputError
 
 
 @contextmanager
@@ -40,3 +43,23 @@ def replace_folder(new: str | os.PathLike, final: str | os.PathLike) -> None:
         os.replace(final, old)
     os.replace(new, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable(path: str | os.PathLike, option: str, folder: bool = False) -> None:
+    """Refuse an output ``path`` (a file, or a ``folder``) that could not be written, before any work is
+    done: InputError naming ``option`` when it is the other kind of thing, or when the nearest folder that
+    exists (the output's parents are created later) is a file or takes no new file."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        kind, other = ("a folder", "a file") if folder else ("a file path", "a folder")
+        raise InputError(f"{option} {path}: expected {kind}, not {other}")
+    nearest = path if path.is_dir() else path.parent
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise InputError(f"{option} {path}: {nearest} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as err:
+        raise InputError(f"{option} {path}: cannot write in {nearest} ({err.strerror})") from None

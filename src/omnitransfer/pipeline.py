@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from functools import partial
@@ -11,14 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
+from safetensors import SafetensorError
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 
 from .codecs import WanVAECodec, load_codec, to_uint8, to_unit_range
 from .conditioning import target_condition
-from .errors import InputError
+from .errors import InputError, check_positive
 from .methods import get_method, load_transformer
 from .patch_codec import PatchCodec
-from .sampling import denoise, make_scheduler
+from .sampling import SCHEDULERS, denoise, make_scheduler
 from .tasks import Task
 from .transformer import OmniTransferTransformer
 from .video import read_image, read_video, resample_frames, resize_and_crop
@@ -75,11 +77,23 @@ class Settings:
         if unknown:
             raise InputError(f"{path}: unknown settings {unknown}: expected some of {sorted(known)}")
         for f in fields(cls):
-            expected = (int, float) if isinstance(f.default, float) else type(f.default or "")
+            expected = (int, float) if isinstance(f.default, float) else (type(f.default or ""),)
             value = data.get(f.name)
             if value is not None and (not isinstance(value, expected) or isinstance(value, bool)):
-                raise InputError(f"{path}: setting {f.name!r} is {value!r}: expected a {expected}")
+                names = " or ".join(t.__name__ for t in expected)
+                raise InputError(f"{path}: setting {f.name!r} is {value!r}: expected {names}")
+        for name in POSITIVE_SETTINGS:
+            if name in data and not check_positive(data[name]):
+                raise InputError(f"{path}: setting {name!r} is {data[name]!r}: expected a positive number")
+        if not math.isfinite(guidance := data.get("guidance_scale", 0.0)):
+            raise InputError(f"{path}: setting 'guidance_scale' is {guidance!r}: expected a finite number")
+        if data.get("scheduler", "unipc") not in SCHEDULERS:
+            raise InputError(f"{path}: setting 'scheduler' is {data['scheduler']!r}: expected one of {SCHEDULERS}")
         return data
+
+
+#: settings that must be positive (and finite)
+POSITIVE_SETTINGS = ("height", "width", "num_frames", "fps", "num_inference_steps", "text_max_length", "flow_shift")
 
 
 def base_chain(folder: Path) -> list[Path]:
@@ -220,7 +234,8 @@ class OmniTransferPipeline:
             get_method(method)  # an unknown name fails before anything loads
         folder = Path(path) if path is not None else EMBEDDED_MODEL
         if not folder.is_dir():
-            raise InputError(f"{folder}: no such model folder (expected a diffusers-format Wan2.1 I2V folder)")
+            what = "a file, not a model folder" if folder.exists() else "no such model folder"
+            raise InputError(f"{folder}: {what} (expected a diffusers-format Wan2.1 I2V folder)")
         settings = resolved_settings(folder)
         method = method or settings.method
         component = partial(find_component, folder)
@@ -244,15 +259,15 @@ class OmniTransferPipeline:
             if image_dir is not None:
                 image_encoder = CLIPVisionModel.from_pretrained(image_dir, dtype=torch.float32, use_safetensors=True)
                 image_processor = AutoImageProcessor.from_pretrained(component("image_processor"))
-        except (OSError, ValueError, KeyError) as err:
+            pipe = cls(
+                transformer, vae, text_encoder, tokenizer, image_encoder, image_processor, settings, method,
+                alignment, patch_size,
+            ).to(device)  # fmt: skip
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:  # truncated or mismatched files
             if isinstance(err, InputError):
                 raise
-            raise InputError(f"{folder}: cannot load the model ({str(err).splitlines()[0]})") from None
-        pipe = cls(
-            transformer, vae, text_encoder, tokenizer, image_encoder, image_processor, settings, method, alignment,
-            patch_size,
-        )  # fmt: skip
-        return pipe.to(device)
+            raise InputError(f"{folder}: cannot load the model ({str(err).strip().splitlines()[0]})") from None
+        return pipe
 
     def to(self, device: str | torch.device) -> OmniTransferPipeline:
         for module in (self.transformer, self.codec.module, self.text_encoder, self.image_encoder, self.alignment):
@@ -308,6 +323,8 @@ class OmniTransferPipeline:
         Returns the codec latent (1, z, f, h, w) of [first frame, zeros...] (``num_frames`` frames)
         and the frame's CLIP tokens (1, N, image_dim), both float32.
         """
+        if self.image_encoder is None:
+            raise InputError("a first frame was given, but this model has no image_encoder (a text-to-video model)")
         first = self._load_image(image, height, width)
         video = torch.zeros(1, 3, num_frames, height, width)
         video[:, :, :1] = to_unit_range(first[None])  # [first frame, zeros...]
@@ -405,6 +422,11 @@ class OmniTransferPipeline:
         self._check_size(height, width, num_frames)
         if steps < 1:
             raise InputError(f"steps {steps}: expected at least 1")
+        shift = s.flow_shift if flow_shift is None else flow_shift
+        if not check_positive(shift):
+            raise InputError(f"flow shift {shift}: expected a positive number")
+        if not math.isfinite(guidance):
+            raise InputError(f"guidance scale {guidance}: expected a finite number")
         device, dtype = self.device, self.transformer.dtype
 
         # Target conditioning: first frame (mask + condition latent + CLIP tokens), or nothing.
@@ -429,7 +451,7 @@ class OmniTransferPipeline:
 
         generator = torch.Generator("cpu").manual_seed(seed)
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-        solver = make_scheduler(scheduler or s.scheduler, s.flow_shift if flow_shift is None else flow_shift)
+        solver = make_scheduler(scheduler or s.scheduler, shift)
         latents = denoise(
             self.transformer, noise, condition, text, image_tokens, refs, solver, steps, guidance,
             use_reference_cache=use_reference_cache and self.method.caches_references, progress=progress,

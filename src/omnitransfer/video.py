@@ -17,7 +17,7 @@ import av
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import InputError
+from .errors import InputError, check_positive
 from .files import atomic_path
 
 __all__ = [
@@ -264,7 +264,7 @@ def save_video(frames, path: str | os.PathLike, fps: float = 16) -> None:
     h, w = frames.shape[1:3]
     if h % 2 or w % 2:
         raise InputError(f"{path}: cannot encode {w}x{h} frames as H.264 yuv420p, expected even width and height")
-    if not fps > 0:
+    if not check_positive(fps):
         raise InputError(f"{path}: expected a positive fps, got {fps}")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected a video file path")

@@ -16,11 +16,12 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from ..errors import InputError
+from ..errors import InputError, check_positive, seed
+from ..files import check_writable
 from ..tasks import Task
 from ..video import save_video
 from .sample import Sample
-from .world import SPLITS, check_size, make_sample
+from .world import SAMPLES_PER_SPLIT, SPLITS, check_size, make_sample
 
 
 def add_synth_command(subparsers) -> argparse.ArgumentParser:
@@ -35,7 +36,7 @@ def add_synth_command(subparsers) -> argparse.ArgumentParser:
     synth.add_argument("--width", type=int, default=64, help="a multiple of 16")
     synth.add_argument("--frames", type=int, default=17, help="frames per video, 4k+1")
     synth.add_argument("--fps", type=float, default=8.0, help="frame rate of the written videos")
-    synth.add_argument("--seed", type=int, default=0, help="world seed: another value gives other samples")
+    synth.add_argument("--seed", type=seed, default=0, help="world seed: another value gives other samples")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(run=run_synth)
     return synth
@@ -96,13 +97,14 @@ def run_synth(args: argparse.Namespace) -> None:
     """Generate --count samples per task and write them, checking every argument first."""
     tasks = list(Task) if args.task.strip().lower() == "all" else [Task.parse(args.task)]
     check_size(args.height, args.width, args.frames)
-    if args.count < 1:
-        raise InputError(f"--count {args.count}: expected at least 1")
-    if not args.fps > 0:
-        raise InputError(f"--fps {args.fps}: expected a positive frame rate")
-    if args.output.exists() and not args.output.is_dir():
-        raise InputError(f"--output {args.output}: not a folder")
+    if not 1 <= args.count <= SAMPLES_PER_SPLIT:
+        raise InputError(f"--count {args.count}: expected 1 to {SAMPLES_PER_SPLIT} (a split's samples)")
+    if not check_positive(args.fps) or args.fps > 1000:
+        raise InputError(f"--fps {args.fps}: expected a frame rate above 0 and at most 1000")
+    check_writable(args.output, "--output", folder=True)
     manifest = args.output / "manifest.jsonl"
+    if manifest.exists() and not manifest.is_file():
+        raise InputError(f"--output {args.output}: its manifest.jsonl is not a file")
     clash = _listed(manifest) & {f"{t.value}/{i:05d}" for t in tasks for i in range(args.count)}
     if clash:
         raise InputError(f"{manifest} already lists {min(clash)} (an earlier run): choose another --output")

@@ -20,7 +20,8 @@ from .raster import to_uint8
 from .sample import Sample
 
 SPLITS = ("train", "test")
-SPLIT_SEEDS = {"train": range(0, 1_000_000), "test": range(1_000_000, 2_000_000)}
+SAMPLES_PER_SPLIT = 1_000_000
+SPLIT_SEEDS = {"train": range(0, SAMPLES_PER_SPLIT), "test": range(SAMPLES_PER_SPLIT, 2 * SAMPLES_PER_SPLIT)}
 
 KINDS: dict[Task, tuple[str, ...]] = {
     Task.CAMERA: camera.FAMILIES,

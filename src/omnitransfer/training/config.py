@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,8 +164,37 @@ def _alignment(data: Any, where: str) -> Alignment:
     return _build(Alignment, {**{k: v for k, v in data.items() if k in known}, "module": config}, where)
 
 
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the plain type ``hint`` names (int, float, str, bool, X | None, list[X], tuple[X, ...]);
+    a float may be written as an int or as a string YAML did not read as a number (``1e-4``)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _typed(value, next(a for a in args if a is not type(None)), where)
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        if origin is tuple and len(value) != len(args):
+            raise InputError(f"{where}: expected {len(args)} values, got {len(value)}")
+        items = [_typed(v, args[i] if origin is tuple else args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+        return origin(items)
+    if hint is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if hint in (int, float, str, bool) and type(value) is hint:
+        return value
+    expected = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+    if origin in (list, tuple):
+        expected = "a list"
+    raise InputError(f"{where}: expected {expected}, got {value!r}")
+
+
 def _build(cls, data: Any, where: str):
-    """Instantiate dataclass ``cls`` from plain data, naming the offending key on any mistake."""
+    """Instantiate dataclass ``cls`` from plain data, checking every value's type against the field's and
+    naming the offending key on any mistake."""
     if not dataclasses.is_dataclass(cls):
         return data
     if not isinstance(data, dict):
@@ -171,6 +203,11 @@ def _build(cls, data: Any, where: str):
     unknown = sorted(set(data) - set(hints))
     if unknown:
         raise InputError(f"{where}: unknown key {unknown[0]!r} (expected one of {', '.join(sorted(hints))})")
+    required = [f.name for f in hints.values() if f.default is f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise InputError(f"{where}: missing key {missing[0]!r}")
+    types_ = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
         sub = {"optim": Optim, "timesteps": Timesteps, "lora": Lora, "parallel": Parallel}.get(name)
@@ -182,8 +219,8 @@ def _build(cls, data: Any, where: str):
             value = [_build(Stage, s, f"{where}.stages[{i}]") for i, s in enumerate(value)]
         elif sub is not None and cls is TrainConfig:
             value = _build(sub, value, f"{where}.{name}")
-        elif name == "betas":
-            value = tuple(value)
+        elif not dataclasses.is_dataclass(typing.get_origin(types_[name]) or types_[name]):
+            value = _typed(value, types_[name], f"{where}.{name}")
         kwargs[name] = value
     try:
         return cls(**kwargs)
@@ -191,18 +228,51 @@ def _build(cls, data: Any, where: str):
         raise InputError(f"{where}: {err}") from None
 
 
+def _positive(value) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+#: (dotted key, test, what is expected) of every numeric setting with a range; None values pass
+RANGES = (
+    ("global_batch", lambda v: v >= 1, "at least 1"),
+    ("micro_batch", lambda v: v >= 1, "at least 1"),
+    ("keep_checkpoints", lambda v: v >= 1, "at least 1"),
+    ("log_every", lambda v: v >= 1, "at least 1"),
+    ("checkpoint_every", lambda v: v >= 1, "at least 1"),
+    ("validate_every", lambda v: v >= 0, ">= 0 (0: no validation)"),
+    ("validation_samples", lambda v: v >= 1, "at least 1"),
+    ("validation_steps", lambda v: v >= 1, "at least 1"),
+    ("seed", lambda v: v >= 0, ">= 0"),
+    ("prompt_dropout", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.lr", _positive, "a positive number"),
+    ("optim.eps", _positive, "a positive number"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("optim.grad_clip", _positive, "a positive number"),
+    ("optim.betas", lambda v: all(0 <= b < 1 for b in v), "two values in [0, 1)"),
+    ("timesteps.std", _positive, "a positive number"),
+    ("timesteps.shift", _positive, "a positive number"),
+    ("lora.rank", lambda v: v >= 0, ">= 0 (0: full fine-tuning)"),
+    ("lora.alpha", _positive, "a positive number"),
+)
+
+
 def _check(config: TrainConfig, where: str) -> TrainConfig:
+    for key, test, expected in RANGES:
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is not None and not test(value):
+            raise InputError(f"{where}.{key}: expected {expected}, got {value!r}")
     for i, stage in enumerate(config.stages):
         if stage.trainable not in TRAINABLE_SETS:
             raise InputError(f"{where}.stages[{i}].trainable: {stage.trainable!r} is not one of {TRAINABLE_SETS}")
         if stage.steps < 0:
             raise InputError(f"{where}.stages[{i}].steps: expected >= 0, got {stage.steps}")
-        if stage.shift is not None and stage.shift <= 0:
-            raise InputError(f"{where}.stages[{i}].shift: expected > 0, got {stage.shift}")
-    if config.keep_checkpoints < 1:
-        raise InputError(f"{where}.keep_checkpoints: expected at least 1, got {config.keep_checkpoints}")
-    if config.global_batch < 1 or config.micro_batch < 1:
-        raise InputError(f"{where}: global_batch and micro_batch must be positive")
+        for name in ("shift", "lr"):
+            if getattr(stage, name) is not None and not _positive(getattr(stage, name)):
+                raise InputError(f"{where}.stages[{i}].{name}: expected a positive number, got {getattr(stage, name)}")
     if config.parallel.strategy not in ("auto", "fsdp", "ddp", "none"):
         raise InputError(f"{where}.parallel.strategy: {config.parallel.strategy!r} is not auto, fsdp, ddp or none")
     if config.parallel.mixed_precision not in ("fp32", "bf16"):
@@ -225,7 +295,10 @@ def _set_dotted(data: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise InputError(f"--set {assignment!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise InputError(f"--set {assignment!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
@@ -236,8 +309,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         data = yaml.safe_load(path.read_text()) or {}
     except OSError as err:
         raise InputError(f"{path}: cannot read the config ({err.strerror})") from None
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     for assignment in overrides:
         _set_dotted(data, assignment)
     if "data" not in data:

@@ -169,6 +169,8 @@ class Trainer:
                 f"method {config.method!r} conditions each reference on its first frame: "
                 "prepare the cache with --reference-first-frames"
             )
+        if not config.model_folder.is_dir():
+            raise InputError(f"model {config.model}: no such model folder")
         made_with = self.cache.info.get("encoders")
         if made_with is not None and made_with != encoders_digest(config.model_folder):
             raise InputError(
