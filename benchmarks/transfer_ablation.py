@@ -1,7 +1,7 @@
 """Quality ablation on the synthetic world: every method trained from the same starting weights, on the same
 data, with the same budget (steps x batch, schedule), then scored on the held-out test split.
 
-    OMP_NUM_THREADS=1 python benchmarks/transfer_ablation.py --output outputs/ablation --steps 1000
+    OMP_NUM_THREADS=1 python benchmarks/transfer_ablation.py --output outputs/ablation --steps 2000 --nproc 2
 
 Variants (the rows of OmniTransfer's ablation table, then VAP):
 
@@ -25,6 +25,7 @@ Every part resumes (data, cache, training, scores): rerun the same command after
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import subprocess
@@ -54,13 +55,18 @@ HEADLINES = {
     "style": [("correct", "retrieval", False)],
 }
 #: the alignment module of +MLLM: frozen (its states before the MetaQueries are cached by prepare)
+#: the training noise-level shift of every stage: where the sampler spends its steps and where a model must
+#: read the reference (at shift 1 a small budget only learns to denoise: scripts/embedded/README.md)
+SHIFT = 5.0
 ALIGNMENT = dict(lora_rank=0, dtype="float32", queries_per_task=16, hidden_layer=-1, frames_per_reference=4,
                  video_tokens=16, image_tokens=16)  # fmt: skip
 
 
-def omni(*args) -> None:
-    """Run an ``omnitransfer`` command in a subprocess; its failure (already reported on stderr) stops here."""
-    command = [sys.executable, "-m", "omnitransfer.cli", *map(str, args)]
+def omni(*args, nproc: int = 1) -> None:
+    """Run an ``omnitransfer`` command in a subprocess (``nproc`` > 1: that many torchrun processes); its
+    failure (already reported on stderr) stops here."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    command = [sys.executable, *launcher, "-m", "omnitransfer.cli", *map(str, args)]
     if subprocess.run(command).returncode != 0:
         sys.exit(f"transfer_ablation: `omnitransfer {args[0]}` failed (see above); rerun to resume")
 
@@ -78,9 +84,9 @@ def variant_config(name: str, out: Path, model: Path, cache: Path, steps: int) -
         "model": str(model),
         "data": str(cache),
         "method": method,
-        "stages": [
-            {"name": "main", "steps": steps - anneal, "trainable": "all"},
-            {"name": "anneal", "steps": anneal, "trainable": "all", "lr": 1.0e-4},
+        "stages": [  # the noise levels the sampler visits from the start (the shipped recipe's later stages)
+            {"name": "main", "steps": steps - anneal, "trainable": "all", "shift": SHIFT},
+            {"name": "anneal", "steps": anneal, "trainable": "all", "lr": 1.0e-4, "shift": SHIFT},
         ],
         "optim": {**config["optim"], "warmup_steps": min(config["optim"]["warmup_steps"], steps // 10)},
         "ema_decay": 0.995,  # a half-life of ~140 steps: 0.999 would still hold a third of the random start
@@ -114,20 +120,23 @@ def prepare_data(out: Path, model: Path, per_task: int, steps: int) -> Path:
     return cache
 
 
-def train(name: str, out: Path, model: Path, cache: Path, steps: int) -> Path:
-    """Train (or resume, or find finished) one variant. -> its exported model folder."""
+def train(name: str, out: Path, model: Path, cache: Path, steps: int, nproc: int) -> Path:
+    """Train (or resume, or find finished) one variant on ``nproc`` processes (DDP when more than one: the
+    batch of a step depends only on the seed and the step, so the budget is the same). -> its model folder."""
     config = variant_config(name, out, model, cache, steps)
     run = config.parent
     resume = ["--resume"] if any((run / "checkpoints").glob("step-*")) else []
+    ddp = ["--set", "parallel.strategy=ddp"] if nproc > 1 else []
     start = time.perf_counter()
-    omni("train", "--config", config, "--output", run, *resume)
+    omni("train", "--config", config, "--output", run, *resume, *ddp, nproc=nproc)
     if not resume:  # the wall-clock of an uninterrupted run (equal budgets, unequal costs)
         (run / "seconds.txt").write_text(f"{time.perf_counter() - start:.0f}\n")
     return run / "model"
 
 
-def score(name: str, folder: Path, count: int) -> dict:
-    """The transfer benchmark of one trained variant (the model system only), cached beside it."""
+def score(name: str, folder: Path, count: int, guidance: float, shift: float) -> dict:
+    """The transfer benchmark of one trained variant (the model system only, sampled with ``guidance`` and
+    ``shift``), cached beside it."""
     from omnitransfer import evaluation
     from omnitransfer.pipeline import OmniTransferPipeline
 
@@ -135,6 +144,7 @@ def score(name: str, folder: Path, count: int) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     pipe = OmniTransferPipeline.from_pretrained(folder)
+    pipe.settings = dataclasses.replace(pipe.settings, guidance_scale=guidance, flow_shift=shift)
     records = evaluation.run_benchmark(pipe, count=count, systems=("model",))
     data = evaluation.report(records, variant=name, model=str(folder), count=count)
     evaluation.write_report(data, path)
@@ -171,9 +181,12 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "outputs" / "ablation")
     parser.add_argument("--model", type=Path, default=ROOT / "outputs" / "embedded-model",
                         help="the starting folder (scripts/embedded/build_model.py)")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=1000, help="training steps per variant (batch 16)")
+    parser.add_argument("--steps", type=int, default=2000, help="training steps per variant (batch 16)")
     parser.add_argument("--per-task", type=int, default=200, help="training pairs per task")
     parser.add_argument("--count", type=int, default=10, help="test samples per task")
+    parser.add_argument("--nproc", type=int, default=1, help="training processes per variant (DDP when > 1)")
+    parser.add_argument("--guidance", type=float, default=1.5, help="scoring: guidance scale (the embedded model's)")
+    parser.add_argument("--shift", type=float, default=3.0, help="scoring: flow shift (the embedded model's)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--table", type=Path, help="also write the table (markdown) and the scores (json) here")
     args = parser.parse_args()
@@ -183,7 +196,8 @@ def main() -> None:
     cache = prepare_data(args.output, args.model, args.per_task, args.steps)
     results = {}
     for name in args.variants:
-        results[name] = score(name, train(name, args.output, args.model, cache, args.steps), args.count)
+        folder = train(name, args.output, args.model, cache, args.steps, args.nproc)
+        results[name] = score(name, folder, args.count, args.guidance, args.shift)
         print(table(results, args.steps, args.count), flush=True)
     text = table(results, args.steps, args.count)
     machine = f"{platform.machine()} {platform.processor() or ''}".strip()
