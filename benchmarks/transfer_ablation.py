@@ -152,8 +152,8 @@ def score(name: str, folder: Path, count: int, guidance: float, shift: float) ->
 
 
 def table(results: dict[str, dict], steps: int, count: int) -> str:
-    """One markdown table: a row per variant, the test-split mean of each task's headline metrics, the
-    first-frame PSNR over the temporal tasks and the confusion rate over all tasks."""
+    """Markdown tables, a row per variant: the test-split mean of each task's headline metrics, the
+    first-frame PSNR over the temporal tasks and the confusion rate over all tasks; then each task's confusion."""
     header = ["variant", "method"]
     for task, metrics in HEADLINES.items():
         header += [f"{task} {label} {'(lower)' if lower else ''}".strip() for _, label, lower in metrics]
@@ -169,11 +169,14 @@ def table(results: dict[str, dict], steps: int, count: int) -> str:
         confusion = [summary[t]["model"]["all"]["reference_copy"] for t in HEADLINES]
         row += [f"{sum(temporal) / 3:.2f}", f"{sum(confusion) / len(confusion):.3f}"]
         rows.append(row)
+    confusion = [["variant", *(f"{task} confusion" for task in HEADLINES)]]
+    for name, data in results.items():
+        confusion.append([name, *(f"{data['summary'][t]['model']['all']['reference_copy']:.2f}" for t in HEADLINES)])
     note = (
         f"{steps} steps of batch 16 each from the same random start; {count} test samples per task, means over "
         "the test split (seen and held-out kinds); confusion: outputs closer to the reference than to the target."
     )
-    return markdown_table(rows) + "\n\n" + note + "\n"
+    return markdown_table(rows) + "\n\n" + markdown_table(confusion) + "\n\n" + note + "\n"
 
 
 def main() -> None:
