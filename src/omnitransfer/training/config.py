@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from typing import Any
 import yaml
 
 from ..alignment import DEFAULT_TEMPLATES, STAGE_SETS, AlignmentConfig
-from ..errors import InputError
+from ..errors import InputError, check_positive
 
 TRAINABLE_SETS = tuple(STAGE_SETS)  # "blocks", "connector", "all"
 MLLM_DTYPES = ("float32", "bfloat16")
@@ -228,10 +227,6 @@ def _build(cls, data: Any, where: str):
         raise InputError(f"{where}: {err}") from None
 
 
-def _positive(value) -> bool:
-    return math.isfinite(value) and value > 0
-
-
 #: (dotted key, test, what is expected) of every numeric setting with a range; None values pass
 RANGES = (
     ("global_batch", lambda v: v >= 1, "at least 1"),
@@ -245,16 +240,16 @@ RANGES = (
     ("seed", lambda v: v >= 0, ">= 0"),
     ("prompt_dropout", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("optim.lr", _positive, "a positive number"),
-    ("optim.eps", _positive, "a positive number"),
+    ("optim.lr", check_positive, "a positive number"),
+    ("optim.eps", check_positive, "a positive number"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
     ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
-    ("optim.grad_clip", _positive, "a positive number"),
+    ("optim.grad_clip", check_positive, "a positive number"),
     ("optim.betas", lambda v: all(0 <= b < 1 for b in v), "two values in [0, 1)"),
-    ("timesteps.std", _positive, "a positive number"),
-    ("timesteps.shift", _positive, "a positive number"),
+    ("timesteps.std", check_positive, "a positive number"),
+    ("timesteps.shift", check_positive, "a positive number"),
     ("lora.rank", lambda v: v >= 0, ">= 0 (0: full fine-tuning)"),
-    ("lora.alpha", _positive, "a positive number"),
+    ("lora.alpha", check_positive, "a positive number"),
 )
 
 
@@ -271,7 +266,7 @@ def _check(config: TrainConfig, where: str) -> TrainConfig:
         if stage.steps < 0:
             raise InputError(f"{where}.stages[{i}].steps: expected >= 0, got {stage.steps}")
         for name in ("shift", "lr"):
-            if getattr(stage, name) is not None and not _positive(getattr(stage, name)):
+            if getattr(stage, name) is not None and not check_positive(getattr(stage, name)):
                 raise InputError(f"{where}.stages[{i}].{name}: expected a positive number, got {getattr(stage, name)}")
     if config.parallel.strategy not in ("auto", "fsdp", "ddp", "none"):
         raise InputError(f"{where}.parallel.strategy: {config.parallel.strategy!r} is not auto, fsdp, ddp or none")
