@@ -278,6 +278,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from .training.config import load_config
+    from .training.parallelize import close_world
     from .training.trainer import Trainer
 
     config = load_config(args.config, args.set)
@@ -285,7 +286,10 @@ def _train(args: argparse.Namespace) -> None:
         raise InputError(f"--max-steps {args.max_steps}: expected at least 1")
     check_writable(args.output, "--output", folder=True)
     _quiet_libraries()
-    Trainer(config, args.output, resume=args.resume, max_steps=args.max_steps).run()
+    try:
+        Trainer(config, args.output, resume=args.resume, max_steps=args.max_steps).run()
+    finally:
+        close_world()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,3 +148,10 @@ def all_mean(value: float, world: World) -> float:
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()
+
+
+def close_world() -> None:
+    """Leave the process group before the interpreter exits: gloo's threads destroyed at exit, while a
+    peer still talks to them, abort the process ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

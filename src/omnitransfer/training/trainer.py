@@ -320,6 +320,7 @@ class Trainer:
                 self.validate(step)
         model_dir = self.export()
         self.logger.close()
+        barrier(world)  # every process leaves once the main one has written the model
         return model_dir
 
     def _checkpoint(self, step: int, stage: Stage, optimizers: tuple) -> None:
