@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from omnitransfer.evaluation import markdown_table
+from omnitransfer.evaluation import HEADLINES, LOWER_IS_BETTER, markdown_table
 from omnitransfer.files import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,14 +47,6 @@ VARIANTS = {  # name: (method, the alignment module's settings over ALIGNMENT, o
     "+MLLM": ("omnitransfer", {}),
     "+MLLM LoRA": ("omnitransfer", {"lora_rank": 32}),  # the MLLM tuned (live, as in the paper)
     "VAP": ("vap", None),
-}
-#: per task, the headline metrics of the table (the benchmark's names) and whether lower is better
-HEADLINES = {
-    "camera": [("corner_error_px", "corner px", True)],
-    "motion": [("track_error_px", "track px", True), ("pose_error_deg", "pose deg", True)],
-    "effect": [("psnr", "PSNR", False)],
-    "id": [("correct", "retrieval", False)],
-    "style": [("correct", "retrieval", False)],
 }
 #: the alignment module of +MLLM: frozen (its states before the MetaQueries are cached by prepare)
 #: the training noise-level shift of every stage: where the sampler spends its steps and where a model must
@@ -158,7 +150,7 @@ def table(results: dict[str, dict], steps: int, count: int) -> str:
     first-frame PSNR over the temporal tasks and the confusion rate over all tasks; then each task's confusion."""
     header = ["variant", "method"]
     for task, metrics in HEADLINES.items():
-        header += [f"{task} {label} {'(lower)' if lower else ''}".strip() for _, label, lower in metrics]
+        header += [f"{task} {label}" + (" (lower)" if m in LOWER_IS_BETTER else "") for m, label in metrics]
     header += ["first-frame PSNR", "confusion"]
     rows = [header]
     for name, data in results.items():
@@ -167,7 +159,7 @@ def table(results: dict[str, dict], steps: int, count: int) -> str:
         row = [name, method + ("" if alignment is None else " + alignment" + (" (LoRA)" if alignment else ""))]
         for task, metrics in HEADLINES.items():
             scores = summary[task]["model"]["all"]
-            row += [f"{scores[m]:.3f}" for m, _, _ in metrics]
+            row += [f"{scores[m]:.3f}" for m, _ in metrics]
         temporal = [summary[t]["model"]["all"]["first_frame_psnr"] for t in ("camera", "motion", "effect")]
         confusion = [summary[t]["model"]["all"]["reference_copy"] for t in HEADLINES]
         row += [f"{sum(temporal) / 3:.2f}", f"{sum(confusion) / len(confusion):.3f}"]

@@ -22,6 +22,7 @@ Wan's (1, 2, 2) patches, 80 tokens per branch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -76,7 +77,8 @@ def adaln_zero(weights_file: Path) -> None:
     save_file(weights, str(weights_file), metadata={"format": "pt"})
 
 
-def build(output: Path, seed: int = 0, fit_clips: int = 40) -> Path:
+def build(output: Path, seed: int = 0, fit_clips: int = 40, patch: tuple[int, int, int] | None = None) -> Path:
+    """The starting folder at ``SIZE`` (with the transformer's ``patch`` size when given)."""
     from omnitransfer import tiny
     from omnitransfer.patch_codec import PatchCodec
     from omnitransfer.synthetic import fixed_clips
@@ -87,7 +89,8 @@ def build(output: Path, seed: int = 0, fit_clips: int = 40) -> Path:
     tiny.TINY_VOCAB = world_vocabulary()  # read by build_tiny_tokenizer and the text encoder's vocab_size
     try:
         with tempfile.TemporaryDirectory(prefix=".embedded-model-", dir=output.parent) as tmp:
-            staging = tiny.build_tiny_wan_i2v(Path(tmp) / "model", seed=seed, size=SIZE)
+            size = SIZE if patch is None else dataclasses.replace(SIZE, patch_size=patch)
+            staging = tiny.build_tiny_wan_i2v(Path(tmp) / "model", seed=seed, size=size)
             adaln_zero(staging / "transformer" / "diffusion_pytorch_model.safetensors")
             shutil.rmtree(staging / "vae")
             codec.save_pretrained(staging / "vae")
@@ -134,22 +137,20 @@ def round_trip_scores(pipe, count: int = 10) -> dict[str, float]:
     import torch
 
     from omnitransfer.codecs import to_uint8, to_unit_range
-    from omnitransfer.evaluation import native_sample
+    from omnitransfer.evaluation import HEADLINES, native_sample
     from omnitransfer.synthetic.metrics import candidate_descriptors, evaluate
     from omnitransfer.tasks import Family, Task
 
-    headline = {"camera": "corner_error_px", "motion": "track_error_px", "effect": "psnr", "id": "correct",
-                "style": "correct"}  # fmt: skip
     scores = {}
     for task in Task:
-        values = []
+        metric, values = HEADLINES[task.value][0][0], []
         for index in range(count):
             sample = native_sample(pipe, task, index)
             with torch.no_grad():
                 decoded = to_uint8(pipe.codec.decode(pipe.codec.encode(to_unit_range(sample.target))))
             candidates = candidate_descriptors(sample) if task.family is Family.APPEARANCE else None
-            values.append(evaluate(sample, decoded, candidates)[headline[task.value]])
-        scores[f"{task.value} {headline[task.value]}"] = round(float(np.mean(values)), 3)
+            values.append(evaluate(sample, decoded, candidates)[metric])
+        scores[f"{task.value} {metric}"] = round(float(np.mean(values)), 3)
     return scores
 
 
@@ -158,12 +159,14 @@ def main(argv=None) -> None:
     parser.add_argument("--fit-clips", type=int, default=40, help="training samples per task the codec is fitted on")
     parser.add_argument("--output", type=Path, default=Path("outputs/embedded-model"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--patch", type=int, nargs=3, metavar=("F", "H", "W"),
+                        help="latents per token (Wan's 1 2 2 by default; 1 1 1: 4x the tokens)")  # fmt: skip
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    check(build(args.output, args.seed, args.fit_clips))
+    check(build(args.output, args.seed, args.fit_clips, None if args.patch is None else tuple(args.patch)))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,15 @@ LOWER_IS_BETTER = frozenset(
         "reference_copy",
     }
 )
+#: per task, its headline metrics (the benchmark's names) with their labels in tables; the first is the
+#: task's score, the one the quality bar is about (id and style add the continuous similarity)
+HEADLINES = {
+    "camera": (("corner_error_px", "corner px"),),
+    "motion": (("track_error_px", "track px"), ("pose_error_deg", "pose deg")),
+    "effect": (("psnr", "PSNR"),),
+    "id": (("correct", "retrieval"), ("similarity", "similarity")),
+    "style": (("correct", "retrieval"), ("similarity", "similarity")),
+}
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,7 @@ class TinySize:
 
     # transformer (WanTransformer3DModel)
     num_layers: int = 2
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (frames, height, width) of latent per token, Wan's
     num_attention_heads: int = 4
     attention_head_dim: int = 24
     ffn_dim: int = 192
@@ -314,7 +315,7 @@ def _build_pipeline(seed: int, size: TinySize):
 
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
+        patch_size=tuple(size.patch_size),
         num_attention_heads=size.num_attention_heads,
         attention_head_dim=size.attention_head_dim,
         in_channels=2 * z + 4,
