@@ -293,3 +293,20 @@ def test_encoders_only_pipeline_for_prepare(model_dir, monkeypatch):
     assert encoders.encode_frames(_clip(frames=9, height=32, width=48)).shape == (1, 16, 3, 4, 6)
     with pytest.raises(InputError, match="without its transformer"):
         encoders(**SIZE, num_inference_steps=1, progress=False)
+
+
+def test_one_latent_per_token(tmp_path):
+    """A transformer with (1, 1, 1) patches (4x Wan's tokens: build_model.py --patch) generates with references,
+    and its reference cache still equals recomputation."""
+    from omnitransfer.tiny import TinySize
+
+    folder = build_tiny_wan_i2v(tmp_path / "p1", seed=3, size=TinySize(num_layers=1, patch_size=(1, 1, 1)))
+    assert json.loads((folder / "transformer" / "config.json").read_text())["patch_size"] == [1, 1, 1]
+    pipe = OmniTransferPipeline.from_pretrained(folder)
+    refs = [Reference(Task.CAMERA, _clip(1)), Reference(Task.STYLE, _clip(2, frames=5))]
+    kw = dict(references=refs, image=_clip(3)[0], prompt="a cat", **SIZE, num_inference_steps=2, progress=False)
+    video = pipe(**kw, use_reference_cache=True)
+    assert video.shape == (9, 32, 48, 3)
+    cached = pipe(**kw, use_reference_cache=True, output_type="latent")
+    recomputed = pipe(**kw, use_reference_cache=False, output_type="latent")
+    assert (cached - recomputed).abs().max().item() <= 1e-5
