@@ -48,10 +48,11 @@ VARIANTS = {  # name: (method, the alignment module's settings over ALIGNMENT, o
     "+MLLM LoRA": ("omnitransfer", {"lora_rank": 32}),  # the MLLM tuned (live, as in the paper)
     "VAP": ("vap", None),
 }
-#: the alignment module of +MLLM: frozen (its states before the MetaQueries are cached by prepare)
 #: the training noise-level shift of every stage: where the sampler spends its steps and where a model must
 #: read the reference (at shift 1 a small budget only learns to denoise: scripts/embedded/README.md)
 SHIFT = 5.0
+#: the alignment module of the +MLLM variants: frozen (its states before the MetaQueries are cached by
+#: prepare) unless a variant sets lora_rank
 ALIGNMENT = dict(lora_rank=0, dtype="float32", queries_per_task=16, hidden_layer=-1, frames_per_reference=4,
                  video_tokens=16, image_tokens=16)  # fmt: skip
 
