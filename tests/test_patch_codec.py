@@ -15,9 +15,9 @@ def clips():
     return fixed_clips("train", 2, 32, 32, 9)  # (20, 3, 9, 32, 32)
 
 
-@pytest.fixture(scope="module")
-def codec(clips):
-    return PatchCodec.fit(clips, latent_channels=8)
+@pytest.fixture(scope="module", params=[False, True], ids=["absolute", "relative"])
+def codec(clips, request):
+    return PatchCodec.fit(clips, latent_channels=8, relative=request.param)
 
 
 def test_latent_layout_matches_wan(codec, clips):
@@ -56,7 +56,7 @@ def test_components_are_orthonormal_and_beat_pooling(codec, clips):
     pooled = pooled.repeat_interleave(4, 2).repeat_interleave(8, 3).repeat_interleave(8, 4)
     assert (recon[:, :, 1:] - rest).pow(2).mean() < (pooled - rest).pow(2).mean()
     # a random orthonormal basis of the same size codes far worse than the principal one
-    random = PatchCodec.fit(clips, latent_channels=8)
+    random = PatchCodec.fit(clips, latent_channels=8, relative=codec.relative)
     random.group_basis.copy_(torch.linalg.qr(torch.randn_like(random.group_basis))[0])
     random.intra_basis.copy_(torch.linalg.qr(torch.randn_like(random.intra_basis))[0])
     assert mse < 0.5 * (random.decode(random.encode(clips)) - clips).pow(2).mean()
@@ -67,8 +67,30 @@ def test_folder_round_trip_and_loader(codec, clips, tmp_path):
     assert is_patch_codec(tmp_path / "vae")
     assert json.loads((tmp_path / "vae" / "config.json").read_text())["_class_name"] == "PatchCodec"
     loaded = load_codec(tmp_path / "vae")
-    assert isinstance(loaded, PatchCodec)
+    assert isinstance(loaded, PatchCodec) and loaded.relative == codec.relative
     assert torch.equal(loaded.encode(clips[:2]), codec.encode(clips[:2]))
+
+
+def test_round_trip_is_a_projection(codec, clips):
+    once = codec.decode(codec.encode(0.5 * clips[:4]))  # half the contrast: nothing clamped to [-1, 1]
+    assert once.abs().max() < 1
+    assert torch.allclose(codec.decode(codec.encode(once)), once, atol=1e-4)
+
+
+def test_relative_groups_are_differences_from_the_first_frame(clips):
+    """A relative codec codes later groups against the coded first frame held still: a still clip gives the
+    same latents in every group, and changing the first frame's latents moves every later frame with it."""
+    codec = PatchCodec.fit(clips, latent_channels=8, relative=True)
+    still = 0.5 * clips[:3, :, :1].expand(-1, -1, clips.shape[2], -1, -1)  # half contrast: nothing clamped
+    latents = codec.encode(still)
+    assert torch.allclose(latents[:, :, 1:], latents[:, :, 1:2].expand_as(latents[:, :, 1:]), atol=1e-5)
+    moved = latents.clone()
+    moved[:, :, 0] += 0.1
+    before, after = codec.decode(latents), codec.decode(moved)
+    assert max(before.abs().max(), after.abs().max()) < 1
+    assert torch.allclose(after - before, (after - before)[:, :, :1].expand_as(before), atol=1e-4)
+    absolute = PatchCodec.fit(clips, latent_channels=8)
+    assert torch.equal(absolute.decode(moved.clone())[:, :, 1:], absolute.decode(latents)[:, :, 1:])
 
 
 def test_loader_keeps_wan_vae_folders(tmp_path):

@@ -77,13 +77,16 @@ def adaln_zero(weights_file: Path) -> None:
     save_file(weights, str(weights_file), metadata={"format": "pt"})
 
 
-def build(output: Path, seed: int = 0, fit_clips: int = 40, patch: tuple[int, int, int] | None = None) -> Path:
-    """The starting folder at ``SIZE`` (with the transformer's ``patch`` size when given)."""
+def build(output: Path, seed: int = 0, fit_clips: int = 40, patch: tuple[int, int, int] | None = None,
+          relative: bool = False) -> Path:  # fmt: skip
+    """The starting folder at ``SIZE`` (with the transformer's ``patch`` size when given; a ``relative`` codec
+    codes later frames as differences from the first)."""
     from omnitransfer import tiny
     from omnitransfer.patch_codec import PatchCodec
     from omnitransfer.synthetic import fixed_clips
 
-    codec = PatchCodec.fit(fixed_clips("train", fit_clips, SIZE.height, SIZE.width, SIZE.num_frames), SIZE.z_dim)
+    codec = PatchCodec.fit(fixed_clips("train", fit_clips, SIZE.height, SIZE.width, SIZE.num_frames), SIZE.z_dim,
+                           relative=relative)  # fmt: skip
 
     original = tiny.TINY_VOCAB
     tiny.TINY_VOCAB = world_vocabulary()  # read by build_tiny_tokenizer and the text encoder's vocab_size
@@ -161,12 +164,15 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--patch", type=int, nargs=3, metavar=("F", "H", "W"),
                         help="latents per token (Wan's 1 2 2 by default; 1 1 1: 4x the tokens)")  # fmt: skip
+    parser.add_argument("--relative", action="store_true",
+                        help="code each later 4-frame group as its difference from the coded first frame")  # fmt: skip
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    check(build(args.output, args.seed, args.fit_clips, None if args.patch is None else tuple(args.patch)))
+    patch = None if args.patch is None else tuple(args.patch)
+    check(build(args.output, args.seed, args.fit_clips, patch, args.relative))
 
 
 if __name__ == "__main__":
