@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 
-from .errors import InputError, check_positive, seed
+from .errors import InputError, check_sampler, seed
 from .files import check_writable
 from .synthetic.cli import add_synth_command
 from .tasks import Family, Task
@@ -188,10 +187,7 @@ def _generate(args: argparse.Namespace) -> None:
     if args.output.suffix.lower() != ".mp4":
         raise InputError(f"--output {args.output}: expected a .mp4 path")
     check_writable(args.output, "--output")  # before the work, not when saving it
-    if args.flow_shift is not None and not check_positive(args.flow_shift):
-        raise InputError(f"--flow-shift {args.flow_shift}: expected a positive number")
-    if args.guidance is not None and not math.isfinite(args.guidance):
-        raise InputError(f"--guidance {args.guidance}: expected a finite number")
+    check_sampler(args.flow_shift, args.guidance, ("--flow-shift", "--guidance"))
     if args.frames is not None:
         check_num_frames(args.frames, what="--frames")
     if args.fps is not None and args.fps <= 0:

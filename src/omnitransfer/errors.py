@@ -12,6 +12,16 @@ def check_positive(value: float) -> bool:
     return math.isfinite(value) and value > 0
 
 
+def check_sampler(flow_shift: float | None, guidance_scale: float | None,
+                  names: tuple[str, str] = ("flow shift", "guidance scale")) -> None:  # fmt: skip
+    """InputError naming the input (``names``: how the flow shift and the guidance scale are called where they
+    came from) unless the flow shift is a positive number and the guidance scale finite; None: not given."""
+    if flow_shift is not None and not check_positive(flow_shift):
+        raise InputError(f"{names[0]} {flow_shift!r}: expected a positive number")
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
+        raise InputError(f"{names[1]} {guidance_scale!r}: expected a finite number")
+
+
 #: seeds are what torch.Generator.manual_seed takes, from 0
 MAX_SEED = 2**63 - 1
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from functools import partial
@@ -17,7 +16,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, UMT
 
 from .codecs import WanVAECodec, load_codec, to_uint8, to_unit_range
 from .conditioning import target_condition
-from .errors import InputError, check_positive
+from .errors import InputError, check_positive, check_sampler
 from .methods import get_method, load_transformer
 from .patch_codec import PatchCodec
 from .sampling import SCHEDULERS, denoise, make_scheduler
@@ -85,15 +84,15 @@ class Settings:
         for name in POSITIVE_SETTINGS:
             if name in data and not check_positive(data[name]):
                 raise InputError(f"{path}: setting {name!r} is {data[name]!r}: expected a positive number")
-        if not math.isfinite(guidance := data.get("guidance_scale", 0.0)):
-            raise InputError(f"{path}: setting 'guidance_scale' is {guidance!r}: expected a finite number")
+        check_sampler(data.get("flow_shift"), data.get("guidance_scale"),
+                      (f"{path}: setting 'flow_shift' is", f"{path}: setting 'guidance_scale' is"))  # fmt: skip
         if data.get("scheduler", "unipc") not in SCHEDULERS:
             raise InputError(f"{path}: setting 'scheduler' is {data['scheduler']!r}: expected one of {SCHEDULERS}")
         return data
 
 
 #: settings that must be positive (and finite)
-POSITIVE_SETTINGS = ("height", "width", "num_frames", "fps", "num_inference_steps", "text_max_length", "flow_shift")
+POSITIVE_SETTINGS = ("height", "width", "num_frames", "fps", "num_inference_steps", "text_max_length")
 
 
 def base_chain(folder: Path) -> list[Path]:
@@ -423,10 +422,7 @@ class OmniTransferPipeline:
         if steps < 1:
             raise InputError(f"steps {steps}: expected at least 1")
         shift = s.flow_shift if flow_shift is None else flow_shift
-        if not check_positive(shift):
-            raise InputError(f"flow shift {shift}: expected a positive number")
-        if not math.isfinite(guidance):
-            raise InputError(f"guidance scale {guidance}: expected a finite number")
+        check_sampler(shift, guidance)
         device, dtype = self.device, self.transformer.dtype
 
         # Target conditioning: first frame (mask + condition latent + CLIP tokens), or nothing.
