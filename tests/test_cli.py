@@ -170,3 +170,17 @@ def test_bad_input_gives_one_line_and_no_output(bad_files, tmp_path, case):
         assert not out.exists() and list(tmp_path.iterdir()) == []
     else:
         assert sorted(bad_files.rglob("*")) == before
+
+
+def test_input_warnings_print_one_line(capsys):
+    import warnings
+
+    from omnitransfer.cli import _show_warning
+    from omnitransfer.errors import InputWarning
+
+    message = "clip.webm: 20 frames decode of the 40 its container reports"
+    with warnings.catch_warnings():  # restores the warning printer afterwards
+        warnings.simplefilter("always")
+        warnings.showwarning = _show_warning
+        warnings.warn(message, InputWarning, stacklevel=1)
+    assert capsys.readouterr().err == f"omnitransfer: warning: {message}\n"

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
-from .errors import InputError, check_sampler, seed
+from .errors import InputError, InputWarning, check_sampler, seed
 from .files import check_writable
 from .synthetic.cli import add_synth_command
 from .tasks import Family, Task
@@ -288,7 +289,16 @@ def _train(args: argparse.Namespace) -> None:
         close_world()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _library=warnings.showwarning):
+    """Input warnings as one line, like the errors; every other warning as Python shows it."""
+    if issubclass(category, InputWarning):
+        print(f"omnitransfer: warning: {message}", file=sys.stderr)
+    else:
+        _library(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     try:
         args = build_parser().parse_args(argv)
         args.run(args)

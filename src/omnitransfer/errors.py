@@ -7,6 +7,11 @@ class InputError(ValueError):
     """A problem with user-supplied input; the message is one line naming the input and what was expected."""
 
 
+class InputWarning(UserWarning):
+    """Usable input that is not what it says it is (e.g. a video with fewer frames than its container reports);
+    the command line prints it as one line."""
+
+
 def check_positive(value: float) -> bool:
     """Whether ``value`` is a finite number above 0 (NaN and infinity are not)."""
     return math.isfinite(value) and value > 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -17,7 +18,7 @@ import av
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import InputError, check_positive
+from .errors import InputError, InputWarning, check_positive
 from .files import atomic_path
 
 __all__ = [
@@ -161,7 +162,7 @@ def read_video(
     Frames are resized to cover (height, width) and centre-cropped as they are decoded, and `num_frames`
     are picked evenly (see `resample_frames`); None keeps all frames / native size. When the container
     reports its frame count, only the picked frames are converted and held (long clips stay cheap); a
-    wrong count falls back to keeping every frame, then picking.
+    wrong count falls back to keeping every frame, then picking (an InputWarning when fewer frames decode).
     Rotation metadata (quarter turns) is applied. Raises InputError for unusable files.
     """
     _check_target(height, width)
@@ -182,6 +183,9 @@ def read_video(
         frames = [_frame_to_rgb(f, height, width) for f in container.decode(stream)]  # T x (H, W, 3)
     if not frames:
         raise _no_frames(path)
+    if len(frames) < reported:
+        warnings.warn(f"{Path(path)}: {len(frames)} frames decode of the {reported} its container reports "
+                      "(a truncated file?); using those", InputWarning, stacklevel=2)  # fmt: skip
     if num_frames is not None:
         frames = [frames[i] for i in _resample_indices(len(frames), num_frames)]
     return np.stack(frames)
