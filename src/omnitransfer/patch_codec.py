@@ -79,10 +79,17 @@ class PatchCodec(CausalLatentLayout, nn.Module):
         rest = rest.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, g, h, w, c * t * s * s)
         return first, rest
 
-    def _first_held(self, z0: torch.Tensor) -> torch.Tensor:
-        """Normalised first-frame latents (B, h, w, z) -> that decoded frame held for a group, as the groups'
+    def _code_first(self, first: torch.Tensor) -> torch.Tensor:
+        """First-frame patches (..., h, w, 3*s*s) -> normalised latents (..., h, w, z)."""
+        return (first - self.intra_mean) @ self.intra_basis / self.intra_scale
+
+    def _uncode_first(self, z0: torch.Tensor) -> torch.Tensor:
+        """Normalised first-frame latents (B, h, w, z) -> decoded patches (B, h, w, 3*s*s)."""
+        return (z0 * self.intra_scale) @ self.intra_basis.T + self.intra_mean
+
+    def _held(self, first: torch.Tensor) -> torch.Tensor:
+        """Decoded first-frame patches (B, h, w, 3*s*s) -> that frame held still for a group, as the groups'
         blocks (B, 1, h, w, 3*t*s*s): what ``relative`` groups are coded against."""
-        first = (z0 * self.intra_scale) @ self.intra_basis.T + self.intra_mean  # (B, h, w, 3*s*s)
         b, h, w, _ = first.shape
         s, t = self.spatial_factor, self.temporal_factor
         held = first.reshape(b, h, w, 3, 1, s, s).expand(b, h, w, 3, t, s, s)  # the channel-time-y-x order
@@ -93,9 +100,9 @@ class PatchCodec(CausalLatentLayout, nn.Module):
         """(B, 3, F, H, W) in [-1, 1] -> normalised latents (B, z, 1 + (F-1)/t, H/s, W/s), float32."""
         self.check_num_frames(video.shape[2])
         first, rest = self._blocks(video.to(self.device, torch.float32))
-        z0 = (first - self.intra_mean) @ self.intra_basis / self.intra_scale  # (B, h, w, z)
+        z0 = self._code_first(first)  # (B, h, w, z)
         if self.relative:
-            rest = rest - self._first_held(z0)
+            rest = rest - self._held(self._uncode_first(z0))
         zs = (rest - self.group_mean) @ self.group_basis / self.group_scale  # (B, g, h, w, z)
         latents = torch.cat([z0.unsqueeze(1), zs], 1)  # (B, f, h, w, z)
         return latents.permute(0, 4, 1, 2, 3).contiguous()
@@ -106,11 +113,11 @@ class PatchCodec(CausalLatentLayout, nn.Module):
         latents = latents.to(self.device, torch.float32).permute(0, 2, 3, 4, 1)  # (B, f, h, w, z)
         b, f, h, w, _ = latents.shape
         s, t = self.spatial_factor, self.temporal_factor
-        first = (latents[:, 0] * self.intra_scale) @ self.intra_basis.T + self.intra_mean  # (B, h, w, 3*s*s)
-        first = first.reshape(b, h, w, 3, 1, s, s).permute(0, 3, 4, 1, 5, 2, 6).reshape(b, 3, 1, h * s, w * s)
+        patches = self._uncode_first(latents[:, 0])  # (B, h, w, 3*s*s)
+        first = patches.reshape(b, h, w, 3, 1, s, s).permute(0, 3, 4, 1, 5, 2, 6).reshape(b, 3, 1, h * s, w * s)
         rest = (latents[:, 1:] * self.group_scale) @ self.group_basis.T + self.group_mean  # (B, g, h, w, 3*t*s*s)
         if self.relative:
-            rest = rest + self._first_held(latents[:, 0])
+            rest = rest + self._held(patches)
         rest = rest.reshape(b, f - 1, h, w, 3, t, s, s).permute(0, 4, 1, 5, 2, 6, 3, 7)
         rest = rest.reshape(b, 3, (f - 1) * t, h * s, w * s)
         return torch.cat([first, rest], 2).clamp(-1, 1)
@@ -124,21 +131,24 @@ class PatchCodec(CausalLatentLayout, nn.Module):
         the coded first frame held still."""
         codec = cls(latent_channels, temporal_factor, spatial_factor, relative)
         first, rest = codec._blocks(clips.float())
-        for name in ("intra", "group"):
-            blocks = first if name == "intra" else rest
-            if name == "group" and relative:  # the first frame's components are fitted by now
-                blocks = rest - codec._first_held((first - codec.intra_mean) @ codec.intra_basis / codec.intra_scale)
-            x = blocks.reshape(-1, blocks.shape[-1]).double()
-            mean = x.mean(0)
-            covariance = (x - mean).T @ (x - mean) / len(x)
-            values, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
-            basis = vectors.flip(1)[:, :latent_channels]
-            basis = basis * torch.where(basis.sum(0) < 0, -1.0, 1.0)  # a deterministic sign per component
-            spread = values.flip(0)[:latent_channels].clamp_min(1e-12).sqrt()  # each component's std
-            getattr(codec, f"{name}_mean").copy_(mean.float())
-            getattr(codec, f"{name}_basis").copy_(basis.float())
-            getattr(codec, f"{name}_scale").copy_(spread.float())
+        codec._fit_part("intra", first)
+        if relative:  # against the first frame as its components code it
+            rest = rest - codec._held(codec._uncode_first(codec._code_first(first)))
+        codec._fit_part("group", rest)
         return codec
+
+    def _fit_part(self, name: str, blocks: torch.Tensor) -> None:
+        """Set ``{name}_mean``, ``_basis`` and ``_scale`` from the principal components of ``blocks`` (..., D)."""
+        x = blocks.reshape(-1, blocks.shape[-1]).double()
+        mean = x.mean(0)
+        covariance = (x - mean).T @ (x - mean) / len(x)
+        values, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
+        basis = vectors.flip(1)[:, : self.latent_channels]
+        basis = basis * torch.where(basis.sum(0) < 0, -1.0, 1.0)  # a deterministic sign per component
+        spread = values.flip(0)[: self.latent_channels].clamp_min(1e-12).sqrt()  # each component's std
+        getattr(self, f"{name}_mean").copy_(mean.float())
+        getattr(self, f"{name}_basis").copy_(basis.float())
+        getattr(self, f"{name}_scale").copy_(spread.float())
 
     # ---- folders ---------------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> None:
