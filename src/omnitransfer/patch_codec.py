@@ -16,13 +16,13 @@ channel: the components' spreads span 25x (a 4-frame block's mean colour vs its 
 under one global scale a flow-matching loss barely weighs the small channels -- exactly the ones that carry
 texture and the motion within a group -- and the forward noise drowns them long before the coarse ones.
 
-With ``relative`` (the embedded model's codec), each later block is coded as its difference from the
-*coded* first frame held still over the group -- still a linear code of the clip, decoded exactly as the
-transpose plus the decoded first frame. The latents' zero then means "nothing changes after the first
-frame": a DiT that has not yet learned how a scene moves produces a still clip of the given frame instead of
-the dissolving blocks an absolute code decodes to, and camera or figure motion becomes a small local
-correction to the first frame (a shift of its texture) rather than a whole new block to draw. On the world
-it codes as well as the absolute components (23.9 against 23.7 dB test PSNR).
+With ``relative`` (``build_model.py --relative``; the shipped embedded model uses the absolute code), each
+later block is coded as its difference from the *coded* first frame held still over the group -- still a
+linear code of the clip, decoded exactly as the transpose plus the decoded first frame. The latents' zero
+then means "nothing changes after the first frame" instead of "a grey block", and camera or figure motion
+becomes a small local correction to the first frame (a shift of its texture) rather than a whole new block
+to draw. It codes as well as the absolute components (23.9 against 23.7 dB test PSNR); a model trained over
+it is measured in scripts/embedded/README.md (better camera and effect scores, still not following paths).
 
 Why not a small trained ``AutoencoderKLWan``: on the synthetic world it collapsed to an input-independent
 decoder at 16 dB (scripts/embedded/README.md), while these components reach 23-25 dB with no training.

@@ -86,6 +86,8 @@ def parallelize(model: torch.nn.Module, parallel: Parallel, world: World) -> tor
         for p in model.parameters():
             p.requires_grad_(True)
         ids = [world.device.index] if world.device.type == "cuda" else None
+        # A batch without a first frame (id, style) leaves the image embedder and the image cross-attention
+        # projections unused, so DDP must look for unused parameters at every step.
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
     return model
 
