@@ -21,6 +21,22 @@ import torch
 
 LEVELS = (0.1, 0.3, 0.5, 0.8, 0.95)
 TASKS = ("camera", "motion", "effect")
+SWAP_LEVELS = (0.5, 0.8, 0.95)
+
+
+def swapped(batch, condition: str):
+    """``batch`` with one condition taken from the next sample (rolled by one along the batch)."""
+    from dataclasses import replace
+
+    def roll(x):
+        return None if x is None else x.roll(1, 0)
+
+    if condition == "reference":
+        return replace(batch, references=[roll(r) for r in batch.references],
+                       reference_prompts=[roll(p) for p in batch.reference_prompts])  # fmt: skip
+    if condition == "prompt":
+        return replace(batch, prompt=roll(batch.prompt))
+    return replace(batch, condition=roll(batch.condition), image_tokens=roll(batch.image_tokens))
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -45,6 +61,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=4, help="samples per task")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--shift", type=float, default=5.0, help="the trajectory's flow shift")
+    parser.add_argument("--swap", action="store_true", help="report which conditions the model reads (above)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -62,6 +79,21 @@ def main() -> None:
         model_in = target_input(x, target_condition(batch.condition, batch.target))
         references = batch.reference_inputs(model)
         return model(model_in, timestep, batch.prompt, batch.image_tokens, references=references).sample
+
+    def swap_loss(batch, x_s, s: float, target: torch.Tensor) -> str:
+        err = (velocity(batch, x_s, s) - target).pow(2)  # (B, z, f, h, w)
+        return f"{err[:, :, 1:].mean():.3f} / {err[:, :, :1].mean():.3f}"
+
+    if args.swap:
+        for task, picked in indices.items():
+            batch = collate([cache[i] for i in picked[: args.count]], list(range(min(args.count, len(picked)))))
+            noise = torch.randn_like(batch.target)
+            conditions = ["reference", "prompt"] + (["first frame"] if batch.condition is not None else [])
+            for s in SWAP_LEVELS:
+                x_s, v = (1 - s) * batch.target + s * noise, noise - batch.target
+                others = ", ".join(f"{c} swapped {swap_loss(swapped(batch, c), x_s, s, v)}" for c in conditions)
+                print(f"{task} s={s:g}: loss later frames / frame 0: true {swap_loss(batch, x_s, s, v)}, {others}")
+        return
 
     for task in TASKS:
         picked = indices.get(task, [])[: args.count]
