@@ -44,6 +44,28 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(4 / (a - b).pow(2).mean()))
 
 
+def prompt_predictable_share(prompts: torch.Tensor, frame0: torch.Tensor, ridge: float = 100.0) -> torch.Tensor:
+    """Held-out R^2 per channel (z,) of frame-0 latents (N, z, h, w) predicted linearly from prompts (N, L, D).
+
+    Features: the prompt's mean and max over its non-padding tokens and all its token features; the first
+    80% of the (shuffled) samples fit the ridge regression, the rest score it.
+    """
+    used = (prompts.abs().sum(-1, keepdim=True) > 0).to(prompts)  # (N, L, 1) non-padding tokens
+    mean = (prompts * used).sum(1) / used.sum(1).clamp(min=1)
+    peak = (prompts * used - 1e9 * (1 - used)).amax(1)
+    x = torch.cat([mean, peak, prompts.flatten(1), torch.ones(len(prompts), 1)], 1).double()  # (N, F)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], frame0[order].double().flatten(2)  # y: (N, z, h*w)
+    fit = int(0.8 * len(x))
+    gram = x[:fit].T @ x[:fit] + ridge * torch.eye(x.shape[1], dtype=x.dtype)
+    shares = []
+    for c in range(y.shape[1]):
+        weights = torch.linalg.solve(gram, x[:fit].T @ y[:fit, c])
+        residual = y[fit:, c] - x[fit:] @ weights
+        shares.append(1 - residual.pow(2).mean() / (y[fit:, c] - y[:fit, c].mean(0)).pow(2).mean())
+    return torch.stack(shares).float()
+
+
 def main() -> None:
     from safetensors.torch import load_file
 
@@ -93,6 +115,13 @@ def main() -> None:
                 x_s, v = (1 - s) * batch.target + s * noise, noise - batch.target
                 others = ", ".join(f"{c} swapped {swap_loss(swapped(batch, c), x_s, s, v)}" for c in conditions)
                 print(f"{task} s={s:g}: loss later frames / frame 0: true {swap_loss(batch, x_s, s, v)}, {others}")
+        text_only = [i for picked in indices.values() for i in picked if cache[i].condition is None]
+        if text_only:
+            samples = [cache[i] for i in text_only]
+            prompts, targets = torch.stack([x.prompt for x in samples]), torch.stack([x.target for x in samples])
+            shares = prompt_predictable_share(prompts, targets[:, :, 0])
+            print(f"frame-0 variance the prompt predicts, per latent channel ({len(samples)} samples without a first "
+                  f"frame): {' '.join(f'{v:.2f}' for v in shares.tolist())}")  # fmt: skip
         return
 
     for task in TASKS:
