@@ -115,9 +115,8 @@ def main() -> None:
                 x_s, v = (1 - s) * batch.target + s * noise, noise - batch.target
                 others = ", ".join(f"{c} swapped {swap_loss(swapped(batch, c), x_s, s, v)}" for c in conditions)
                 print(f"{task} s={s:g}: loss later frames / frame 0: true {swap_loss(batch, x_s, s, v)}, {others}")
-        text_only = [i for picked in indices.values() for i in picked if cache[i].condition is None]
-        if text_only:
-            samples = [cache[i] for i in text_only]
+        samples = [x for i in range(len(cache)) if (x := cache[i]).condition is None]  # no first frame
+        if samples:
             prompts, targets = torch.stack([x.prompt for x in samples]), torch.stack([x.target for x in samples])
             shares = prompt_predictable_share(prompts, targets[:, :, 0])
             print(f"frame-0 variance the prompt predicts, per latent channel ({len(samples)} samples without a first "
