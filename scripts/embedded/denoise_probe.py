@@ -115,7 +115,7 @@ def main() -> None:
                 x_s, v = (1 - s) * batch.target + s * noise, noise - batch.target
                 others = ", ".join(f"{c} swapped {swap_loss(swapped(batch, c), x_s, s, v)}" for c in conditions)
                 print(f"{task} s={s:g}: loss later frames / frame 0: true {swap_loss(batch, x_s, s, v)}, {others}")
-        samples = [x for i in range(len(cache)) if (x := cache[i]).condition is None]  # no first frame
+        samples = [cache[i] for i in range(len(cache)) if not cache.signature(i)[3]]  # no first frame (index only)
         if samples:
             prompts, targets = torch.stack([x.prompt for x in samples]), torch.stack([x.target for x in samples])
             shares = prompt_predictable_share(prompts, targets[:, :, 0])
