@@ -1,15 +1,33 @@
 # Two commands do all set-up: `make demo` and `make test`.
-VENV   ?= .venv
-PYTHON ?= python3
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+# Both install exactly requirements.lock (every package pinned, with hashes) with uv, which `make`
+# bootstraps into .uv/ from nothing but python3. `make lock` regenerates the lock from pyproject.toml;
+# `make test-latest` runs the suite against the newest versions pyproject.toml's ranges allow.
+VENV        ?= .venv
+LATEST_VENV ?= .venv-latest
+PYTHON      ?= python3
+UV_VERSION  := 0.13.9
+UV_HOME     := .uv
+UV          := $(UV_HOME)/bin/uv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+LOCK        := requirements.lock
+# The CPU build of torch (torch==2.13.0+cpu): a local folder of wheels where the machine has one,
+# PyTorch's CPU index otherwise. Override with `make TORCH_WHEELS=DIR_OR_URL ...`.
+TORCH_WHEELS ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),/opt/wheels,https://download.pytorch.org/whl/cpu/torch/)
+export UV_PYTHON_DOWNLOADS := never
+TORCH_PIN   := $(shell sed -n 's/^\(torch==[^ ]*\).*/\1/p' $(LOCK))
 
-.PHONY: demo test clean
+.PHONY: demo test lock test-latest clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+$(UV):
+	$(PYTHON) -m venv $(UV_HOME)
+	$(UV_HOME)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(STAMP): $(LOCK) pyproject.toml | $(UV)
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VENV)
+	$(UV) pip sync --quiet --python $(PY) --require-hashes --find-links $(TORCH_WHEELS) $(LOCK)
+	$(UV) pip install --quiet --python $(PY) --no-deps --no-build-isolation -e .
+	$(UV) pip check --python $(PY)
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -20,5 +38,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+lock: | $(UV)
+	$(PYTHON) scripts/lock.py --uv $(UV) --find-links $(TORCH_WHEELS)
+
+# Not part of CI: finds upstream drift before it reaches the lock. torch stays at the lock's CPU build
+# (a newer torch from PyPI is a CUDA build of several GB).
+test-latest: | $(UV)
+	$(UV) venv --quiet --clear --python $(PYTHON) $(LATEST_VENV)
+	echo "$(TORCH_PIN)" > $(LATEST_VENV)/torch-constraint.txt
+	$(UV) pip install --quiet --refresh --python $(LATEST_VENV)/bin/python --find-links $(TORCH_WHEELS) \
+		--constraint $(LATEST_VENV)/torch-constraint.txt -e ".[test]"
+	$(UV) pip check --python $(LATEST_VENV)/bin/python
+	@echo "newer than $(LOCK):"
+	@$(UV) pip freeze --python $(LATEST_VENV)/bin/python --exclude-editable > $(LATEST_VENV)/freeze.txt.raw
+	@tr 'A-Z_' 'a-z-' < $(LATEST_VENV)/freeze.txt.raw | sort > $(LATEST_VENV)/freeze.txt
+	@sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p' $(LOCK) | sort | comm -13 - $(LATEST_VENV)/freeze.txt | sed 's/^/  /'
+	$(LATEST_VENV)/bin/python -m pytest
+
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) $(LATEST_VENV) $(UV_HOME) outputs
