@@ -89,7 +89,7 @@ def test_tpb_changes_temporal_references_only(tiny_wan):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_denoise_drives_every_method(tiny_wan, name):
     method = get_method(name)
-    model = method.model.from_wan(tiny_wan)
+    model = method.from_wan(tiny_wan)
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(1, 16, 2, 4, 4, generator=g)
     condition = torch.randn(1, 20, 2, 4, 4, generator=g)

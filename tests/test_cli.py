@@ -78,7 +78,7 @@ def test_combination_and_defaults(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout
     frames, height, width, fps = video_info(out)
-    from omnitransfer.pipeline import EMBEDDED_MODEL, Settings
+    from omnitransfer.model_folder import EMBEDDED_MODEL, Settings
 
     defaults = Settings.load(EMBEDDED_MODEL)
     assert (frames, height, width, round(fps)) == (defaults.num_frames, defaults.height, defaults.width, defaults.fps)
@@ -97,7 +97,7 @@ def bad_files(tmp_path_factory):
         stream.width, stream.height = 16, 16
     from PIL import Image
 
-    from omnitransfer.pipeline import EMBEDDED_MODEL
+    from omnitransfer.model_folder import EMBEDDED_MODEL
 
     Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(root / "first.png")
     (root / "dir.mp4").mkdir()

@@ -6,7 +6,7 @@ import torch
 from diffusers import WanImageToVideoPipeline
 
 from omnitransfer import InputError, OmniTransferPipeline, Reference, Task
-from omnitransfer.pipeline import find_component
+from omnitransfer.model_folder import find_component
 from omnitransfer.tiny import build_tiny_wan_i2v
 
 SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "samples"

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from omnitransfer.pipeline import SETTINGS_FILE
+from omnitransfer.model_folder import SETTINGS_FILE
 from omnitransfer.tiny import TINY_VOCAB, TinySize, build_tiny_wan_i2v
 
 COMPONENTS = ("image_encoder", "image_processor", "scheduler", "text_encoder", "tokenizer", "transformer", "vae")

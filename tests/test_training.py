@@ -130,7 +130,7 @@ def test_checkpoint_of_another_architecture_stops_before_training(cache, tmp_pat
     first = train(cache, run, "stages=[{name: dit, steps: 2, trainable: blocks}]")
     assert first.returncode == 0, first.stderr[-2000:]
     other = tmp_path / "other"
-    from omnitransfer.pipeline import EMBEDDED_MODEL
+    from omnitransfer.model_folder import EMBEDDED_MODEL
     from omnitransfer.tiny import TinySize, build_tiny_wan_i2v
     from omnitransfer.training.prepare import ENCODERS
 

@@ -11,8 +11,8 @@ import torch
 
 from omnitransfer import InputError, OmniTransferPipeline, Reference, Task
 from omnitransfer.codecs import WanVAECodec
+from omnitransfer.model_folder import EMBEDDED_MODEL
 from omnitransfer.patch_codec import PatchCodec
-from omnitransfer.pipeline import EMBEDDED_MODEL
 from omnitransfer.training import cache as cache_module
 from omnitransfer.training.cache import LatentCache, tensor_shapes
 from omnitransfer.training.manifest import ManifestError, load_manifest

@@ -81,7 +81,8 @@ def choose(results: dict[tuple, dict[str, float]]) -> tuple:
 
 def main() -> None:
     from omnitransfer.files import write_json
-    from omnitransfer.pipeline import SETTINGS_FILE, OmniTransferPipeline
+    from omnitransfer.model_folder import SETTINGS_FILE
+    from omnitransfer.pipeline import OmniTransferPipeline
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True)

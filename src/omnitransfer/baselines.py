@@ -20,9 +20,9 @@ from itertools import accumulate
 
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+from .joint_attention import JointBlock, Stream, joint_step
 from .tasks import Grid, reference_offsets
 from .transformer import OmniTransferBlock, OmniTransferTransformer, ReferenceInput
-from .vap import NO_CACHE, JointBlock, Stream, joint_step, tile_reference
 
 
 def time_offsets(target_grid: Grid, reference_grids: Sequence[Grid]) -> list[Grid]:
@@ -35,6 +35,7 @@ class FullAttentionTransformer(OmniTransferTransformer):
     """Ablation baseline: target and references in one full attention in every block, no positional bias."""
 
     task_positional_bias = False
+    caches_references = False  # references attend to the target
 
     def _block_class(self, index: int) -> type[OmniTransferBlock]:
         return JointBlock
@@ -45,9 +46,6 @@ class FullAttentionTransformer(OmniTransferTransformer):
         if self.task_positional_bias:
             return reference_offsets([r.task for r in references], target_grid, grids)
         return time_offsets(target_grid, grids)
-
-    def encode_references(self, references, target_grid):
-        raise ValueError(NO_CACHE.format(type(self).__name__))
 
     def forward(
         self,
@@ -61,13 +59,13 @@ class FullAttentionTransformer(OmniTransferTransformer):
     ):
         """Velocity for the target tokens; arguments as ``OmniTransferTransformer.forward`` (no cache)."""
         if reference_cache is not None:
-            raise ValueError(NO_CACHE.format(type(self).__name__))
+            self.check_cacheable()
         grid = self.token_grid(hidden_states)
         x, temb, proj, text, image = self._embed(
             hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image
         )
         streams = [Stream(x, proj, self._rope(grid, (0, 0, 0), x.device), text, image)]
-        references = [tile_reference(r, x.shape[0]) for r in references or []]
+        references = [r.tile(x.shape[0]) for r in references or []]
         for ref, offset in zip(references, self.reference_offsets(references, grid)):
             ref_x, ref_proj, ref_rope, ref_text = self._reference_stream(ref, self.token_grid(ref.latents), offset)
             streams.append(Stream(ref_x, ref_proj, ref_rope, ref_text))

@@ -2,13 +2,14 @@
 
 Each class has ``from_wan(wan)`` and ``forward(hidden_states, timestep, encoder_hidden_states,
 encoder_hidden_states_image, references=[...]) -> .sample`` (velocity of the target only), so
-``sampling.denoise`` drives any of them; only OmniTransfer can cache its references across steps.
+``sampling.denoise`` drives any of them. Each class declares what sampling must do for it:
+``caches_references`` (only OmniTransfer can encode its references once for all steps) and
+``reference_needs_first_frame`` (VAP conditions each reference on its own first frame).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,23 +19,16 @@ from .errors import InputError
 from .transformer import OmniTransferTransformer
 from .vap import VAPTransformer
 
-
-@dataclass(frozen=True)
-class Method:
-    model: type[OmniTransferTransformer]
-    caches_references: bool  # whether sampling may encode the references once (use_reference_cache)
-
-
-METHODS: dict[str, Method] = {
-    "omnitransfer": Method(OmniTransferTransformer, caches_references=True),
-    "vap": Method(VAPTransformer, caches_references=False),
-    "full-attention": Method(FullAttentionTransformer, caches_references=False),
-    "full-attention-tpb": Method(FullAttentionTPBTransformer, caches_references=False),
+METHODS: dict[str, type[OmniTransferTransformer]] = {
+    "omnitransfer": OmniTransferTransformer,
+    "vap": VAPTransformer,
+    "full-attention": FullAttentionTransformer,
+    "full-attention-tpb": FullAttentionTPBTransformer,
 }
 
 
-def get_method(name: str) -> Method:
-    """The method called ``name``, or an ``InputError`` listing the known ones."""
+def get_method(name: str) -> type[OmniTransferTransformer]:
+    """The transformer class of the method called ``name``, or an ``InputError`` listing the known ones."""
     try:
         return METHODS[name]
     except KeyError:
@@ -47,7 +41,7 @@ def load_transformer(name: str, folder: Path, torch_dtype: torch.dtype = torch.f
     VAP from a plain Wan folder (no ``block_idx_with_mot_ref`` in its config) starts its expert as a copy
     of the backbone: an untrained expert, to be trained or replaced by the published VAP weights.
     """
-    model_class = get_method(name).model
+    model_class = get_method(name)
     config = json.loads((Path(folder) / "config.json").read_text())
     if model_class is VAPTransformer and "block_idx_with_mot_ref" not in config:
         backbone = OmniTransferTransformer.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)

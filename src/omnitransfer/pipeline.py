@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -16,143 +16,14 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, UMT
 
 from .codecs import WanVAECodec, load_codec, to_uint8, to_unit_range
 from .conditioning import target_condition
-from .errors import InputError, check_positive, check_sampler
+from .errors import InputError, check_sampler
 from .methods import get_method, load_transformer
+from .model_folder import EMBEDDED_MODEL, Settings, find_alignment, find_component, resolved_settings
 from .patch_codec import PatchCodec
-from .sampling import SCHEDULERS, denoise, make_scheduler
+from .sampling import denoise, make_scheduler
 from .tasks import Task
 from .transformer import OmniTransferTransformer
-from .video import read_image, read_video, resample_frames, resize_and_crop
-
-EMBEDDED_MODEL = Path(__file__).parent / "embedded"
-SETTINGS_FILE = "omnitransfer.json"
-ALIGNMENT_FOLDER = "alignment"  # a model folder's trained alignment module (with ``mllm`` in its settings)
-
-VideoLike = str | Path | np.ndarray  # a path, or uint8 frames (T, H, W, 3)
-ImageLike = str | Path | np.ndarray  # a path, or a uint8 image (H, W, 3)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """A model's generation defaults, read from ``omnitransfer.json`` in its folder (Wan2.1 480p otherwise).
-
-    ``base_model``: a folder holding the components this one lacks (e.g. a trained transformer saved
-    beside a reference to the Wan2.1 folder it was trained from), relative to this folder or absolute;
-    it may have a ``base_model`` of its own (`find_component` follows the chain).
-    """
-
-    height: int = 480
-    width: int = 832
-    num_frames: int = 81
-    fps: int = 16
-    num_inference_steps: int = 50
-    guidance_scale: float = 5.0
-    flow_shift: float = 3.0
-    scheduler: str = "unipc"
-    text_max_length: int = 512
-    negative_prompt: str = ""
-    base_model: str | None = None
-    method: str = "omnitransfer"  # the transfer method this folder's transformer was trained for
-    mllm: str | None = None  # the Qwen2.5-VL folder of the alignment module (relative to this folder or absolute)
-
-    @classmethod
-    def load(cls, folder: Path) -> Settings:
-        return cls(**cls.named(folder))
-
-    @classmethod
-    def named(cls, folder: Path) -> dict:
-        """The settings ``folder``'s omnitransfer.json names ({} without one), type-checked."""
-        path = folder / SETTINGS_FILE
-        if not path.is_file():
-            return {}
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise InputError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise InputError(f"{path}: expected a JSON object of settings")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"{path}: unknown settings {unknown}: expected some of {sorted(known)}")
-        for f in fields(cls):
-            expected = (int, float) if isinstance(f.default, float) else (type(f.default or ""),)
-            value = data.get(f.name)
-            if value is not None and (not isinstance(value, expected) or isinstance(value, bool)):
-                names = " or ".join(t.__name__ for t in expected)
-                raise InputError(f"{path}: setting {f.name!r} is {value!r}: expected {names}")
-        for name in POSITIVE_SETTINGS:
-            if name in data and not check_positive(data[name]):
-                raise InputError(f"{path}: setting {name!r} is {data[name]!r}: expected a positive number")
-        check_sampler(data.get("flow_shift"), data.get("guidance_scale"),
-                      (f"{path}: setting 'flow_shift' is", f"{path}: setting 'guidance_scale' is"))  # fmt: skip
-        if data.get("scheduler", "unipc") not in SCHEDULERS:
-            raise InputError(f"{path}: setting 'scheduler' is {data['scheduler']!r}: expected one of {SCHEDULERS}")
-        return data
-
-
-#: settings that must be positive (and finite)
-POSITIVE_SETTINGS = ("height", "width", "num_frames", "fps", "num_inference_steps", "text_max_length")
-
-
-def base_chain(folder: Path) -> list[Path]:
-    """``folder``, then each folder its ``base_model`` settings lead to (nearest first, each relative to the
-    folder naming it); InputError on a base that is not a folder or on a cycle."""
-    chain = [Path(folder)]
-    while (base := Settings.load(chain[-1]).base_model) is not None:
-        following = (chain[-1] / base).resolve()
-        if not following.is_dir():
-            raise InputError(f"{chain[-1] / SETTINGS_FILE}: base_model {base!r} is not a folder")
-        if following in [f.resolve() for f in chain]:
-            raise InputError(
-                f"{folder}: base_model settings form a cycle ({' -> '.join(map(str, [*chain, following]))})"
-            )
-        chain.append(following)
-    return chain
-
-
-def resolved_settings(folder: Path) -> Settings:
-    """``folder``'s settings over those of its `base_chain` (the nearest folder naming a setting wins), so an
-    export that names only what training changed keeps its base's sampler defaults (steps, guidance, fps)."""
-    named: dict = {}
-    for root in reversed(base_chain(folder)):
-        named |= Settings.named(root)
-    return Settings(**named)
-
-
-def find_component(folder: Path, name: str, required: bool = True) -> Path | None:
-    """A model folder's component folder ``name`` (e.g. "vae"): from the nearest folder of `base_chain`
-    that has it; None, or InputError if ``required``, when none has."""
-    for root in base_chain(folder):
-        if (root / name).is_dir():
-            return root / name
-    if required:
-        expected = "expected a Wan2.1 I2V layout, or a base_model that has it"
-        raise InputError(f"{folder}: missing component folder {name!r} ({expected})")
-    return None
-
-
-def find_alignment(folder: Path) -> tuple[Path, Path] | None:
-    """A model folder's trained alignment module: its ``alignment/`` (`find_component`) and its Qwen2.5-VL
-    folder (the ``mllm`` setting of the folder holding it, relative to that folder); None without one."""
-    found = find_component(folder, ALIGNMENT_FOLDER, required=False)
-    if found is None:
-        return None
-    mllm = Settings.load(found.parent).mllm
-    if mllm is None:
-        raise InputError(
-            f"{found.parent}: has {ALIGNMENT_FOLDER}/ but no 'mllm' (a Qwen2.5-VL folder) in {SETTINGS_FILE}"
-        )
-    return found, found.parent / mllm
-
-
-def export_base(folder: Path, carried: set[str]) -> Path:
-    """What an export of a model trained from ``folder`` names as ``base_model`` when it carries the
-    component folders ``carried`` itself: the first folder of `base_chain` holding any other component,
-    so that an export of an export points at their common base (absolute)."""
-    chain = base_chain(folder)
-    holders = (root for root in chain if any(p.is_dir() and p.name not in carried for p in root.iterdir()))
-    return next(holders, chain[-1]).resolve()
+from .video import ImageLike, VideoLike, load_image, load_video
 
 
 @dataclass
@@ -188,7 +59,7 @@ class OmniTransferPipeline:
         tokenizer,
         image_encoder: CLIPVisionModel | None = None,
         image_processor=None,
-        settings: Settings = Settings(),
+        settings: Settings | None = None,
         method: str = "omnitransfer",
         alignment=None,
         patch_size: tuple[int, ...] | None = None,
@@ -205,7 +76,7 @@ class OmniTransferPipeline:
         self.tokenizer = tokenizer
         self.image_encoder = image_encoder.eval() if image_encoder is not None else None
         self.image_processor = image_processor
-        self.settings = settings
+        self.settings = Settings() if settings is None else settings
 
     # ---- loading ------------------------------------------------------------------------------------
     @classmethod
@@ -324,36 +195,19 @@ class OmniTransferPipeline:
         """
         if self.image_encoder is None:
             raise InputError("a first frame was given, but this model has no image_encoder (a text-to-video model)")
-        first = self._load_image(image, height, width)
+        first = load_image(image, height, width)
         video = torch.zeros(1, 3, num_frames, height, width)
         video[:, :, :1] = to_unit_range(first[None])  # [first frame, zeros...]
         return self.codec.encode(video), self.encode_image(first)
 
     # ---- inputs -------------------------------------------------------------------------------------
-    def _check_size(self, height: int, width: int, num_frames: int) -> None:
+    def check_size(self, height: int, width: int, num_frames: int) -> None:
+        """InputError unless the codec and the patch size can take a (height, width, num_frames) video."""
         step = self.codec.spatial_factor * max(self.patch_size[1:])
         for name, value in (("height", height), ("width", width)):
             if value < step or value % step:
                 raise InputError(f"{name} {value} is not a positive multiple of {step} (codec x patch size)")
         self.codec.check_num_frames(num_frames)
-
-    @staticmethod
-    def _load_video(video: VideoLike, num_frames: int, height: int, width: int) -> np.ndarray:
-        if isinstance(video, (str, Path)):
-            return read_video(video, num_frames=num_frames, height=height, width=width)
-        frames = np.asarray(video)
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
-            raise InputError(f"reference video array of shape {frames.shape}: expected uint8 (T, H, W, 3), T > 0")
-        return resample_frames(resize_and_crop(frames, height, width), num_frames)
-
-    @staticmethod
-    def _load_image(image: ImageLike, height: int, width: int) -> np.ndarray:
-        if isinstance(image, (str, Path)):
-            return read_image(image, height=height, width=width)
-        array = np.asarray(image)
-        if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
-            raise InputError(f"image array of shape {array.shape}: expected uint8 (H, W, 3)")
-        return resize_and_crop(array, height, width)
 
     def _reference_inputs(self, references: Sequence[Reference], num_frames: int, height: int, width: int):
         """Decode, encode and flag every reference (their captions encoded together): (inputs, uint8 videos)."""
@@ -366,8 +220,8 @@ class OmniTransferPipeline:
         for i, ref in enumerate(refs):
             n = num_frames if ref.num_frames is None else ref.num_frames
             h, w = height if ref.height is None else ref.height, width if ref.width is None else ref.width
-            self._check_size(h, w, n)
-            frames = self._load_video(ref.video, n, h, w)
+            self.check_size(h, w, n)
+            frames = load_video(ref.video, n, h, w)
             first = None
             if model.reference_needs_first_frame:  # (latent of [first frame, zeros...], CLIP tokens)
                 first = tuple(x.to(self.device, dtype) for x in self.encode_first_frame(frames[0], n, h, w))
@@ -418,7 +272,7 @@ class OmniTransferPipeline:
         steps = s.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = s.guidance_scale if guidance_scale is None else guidance_scale
         negative_prompt = s.negative_prompt if negative_prompt is None else negative_prompt
-        self._check_size(height, width, num_frames)
+        self.check_size(height, width, num_frames)
         if steps < 1:
             raise InputError(f"steps {steps}: expected at least 1")
         shift = s.flow_shift if flow_shift is None else flow_shift
@@ -436,7 +290,7 @@ class OmniTransferPipeline:
         )
         first = first_latent = image_tokens = None
         if image is not None:
-            first = self._load_image(image, height, width)
+            first = load_image(image, height, width)
             first_latent, image_tokens = self.encode_first_frame(first, num_frames, height, width)
             image_tokens = image_tokens.to(dtype)
         condition = target_condition(first_latent, torch.empty(shape, device=device))
@@ -450,7 +304,7 @@ class OmniTransferPipeline:
         solver = make_scheduler(scheduler or s.scheduler, shift)
         latents = denoise(
             self.transformer, noise, condition, text, image_tokens, refs, solver, steps, guidance,
-            use_reference_cache=use_reference_cache and self.method.caches_references, progress=progress,
+            use_reference_cache=use_reference_cache and self.transformer.caches_references, progress=progress,
         )  # fmt: skip
         if output_type == "latent":
             return latents

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import fields, replace
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
@@ -86,17 +85,11 @@ def denoise(
     batch = text.shape[0]
     text = text.to(dtype)
     image = None if image_tokens is None else image_tokens.to(dtype).expand(batch, -1, -1)
-    references = [
-        replace(r, **{f.name: v.to(dtype) for f in fields(r) if torch.is_tensor(v := getattr(r, f.name))})
-        for r in references
-    ]
+    references = [r.to(dtype) for r in references]
     cache = None
     if references and use_reference_cache:
         cache = transformer.encode_references(references, transformer.token_grid(noise))
-    per_call = [
-        replace(r, latents=r.latents.expand(batch, -1, -1, -1, -1), context=r.context.expand(batch, -1, -1))
-        for r in references
-    ]  # the no-cache path: the same reference for each sample of the guidance batch (other fields kept)
+    per_call = [r.tile(batch) for r in references]  # no cache: the same reference for each guidance branch
 
     def velocity(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         model_in = target_input(latents, condition.expand(batch, -1, -1, -1, -1)).to(dtype)

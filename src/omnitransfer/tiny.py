@@ -43,7 +43,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .pipeline import SETTINGS_FILE
+from .model_folder import SETTINGS_FILE
 
 __all__ = [
     "TINY_VOCAB",

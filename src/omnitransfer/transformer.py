@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -51,6 +51,18 @@ class ReferenceInput:
     task: Task
     context: torch.Tensor  # (B, L, text_dim): text-encoder output of the reference caption ("" by default)
 
+    def to(self, *args, **kwargs) -> ReferenceInput:
+        """This reference with every tensor field moved or cast as ``torch.Tensor.to(*args, **kwargs)``."""
+        return self._map(lambda x: x.to(*args, **kwargs))
+
+    def tile(self, batch: int) -> ReferenceInput:
+        """This reference with every tensor field tiled to a target batch of stacked copies (`tile_batch`)."""
+        return self._map(lambda x: tile_batch(x, batch))
+
+    def _map(self, fn) -> ReferenceInput:
+        tensors = {f.name: v for f in fields(self) if torch.is_tensor(v := getattr(self, f.name))}
+        return replace(self, **{name: fn(v) for name, v in tensors.items()})
+
 
 @dataclass
 class ReferenceCache:
@@ -64,7 +76,7 @@ class ReferenceCache:
         return self.kv[0][0].shape[1] if self.kv else 0
 
 
-def _tile_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+def tile_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
     """A cached (B_ref, ...) tensor for a target batch that stacks n copies (e.g. both guidance branches).
 
     A view when B_ref is 1 (no copy: ``torch.cat`` reads it directly), else a repeat.
@@ -167,8 +179,8 @@ class OmniTransferBlock(WanTransformerBlock):
         keys, values = k, v
         if extra_kv is not None:
             batch = q.shape[0]
-            keys = torch.cat([k, _tile_batch(extra_kv[0], batch)], dim=1)  # (B, S + S_ref, heads, head_dim)
-            values = torch.cat([v, _tile_batch(extra_kv[1], batch)], dim=1)
+            keys = torch.cat([k, tile_batch(extra_kv[0], batch)], dim=1)  # (B, S + S_ref, heads, head_dim)
+            values = torch.cat([v, tile_batch(extra_kv[1], batch)], dim=1)
         attended = self._attend(q, keys, values, self.attn1.processor._attention_backend)
         return self._after_attention(hidden_states, attended, modulation, text, image), (k, v)
 
@@ -232,7 +244,17 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """The class of block ``index`` (subclasses pick theirs; the parameters stay Wan's)."""
         return OmniTransferBlock
 
+    # What a transfer method needs from sampling, declared by its class (``methods.METHODS``):
+    caches_references = True  # the reference branch is independent of the target: encode it once
     reference_needs_first_frame = False  # VAP conditions each reference on its own first frame
+
+    def check_cacheable(self) -> None:
+        """ValueError unless this method can cache its references (``caches_references``)."""
+        if not self.caches_references:
+            raise ValueError(
+                f"{type(self).__name__}: references attend to the target, so they cannot be cached; "
+                "sample with use_reference_cache=False"
+            )
 
     @staticmethod
     def make_reference(latent: torch.Tensor, task: Task, context: torch.Tensor, first_frame=None) -> ReferenceInput:
@@ -310,6 +332,7 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         Each reference attends only to itself; its RoPE positions are offset by the task rule so that
         it sits beside (temporal tasks) or after (appearance tasks) a target of ``target_grid``.
         """
+        self.check_cacheable()
         grids = [self.token_grid(r.latents) for r in references]
         offsets = reference_offsets([r.task for r in references], target_grid, grids)
         streams = [self._reference_stream(ref, grid, offset) for ref, grid, offset in zip(references, grids, offsets)]

@@ -48,7 +48,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Container, Iterable, Iterator, Sequence
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -56,14 +55,13 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from .conditioning import target_condition, target_input
+from .joint_attention import EXPERT_SUFFIX, JointBlock, Stream, joint_step
 from .tasks import Grid
-from .transformer import OmniTransferBlock, OmniTransferTransformer, ReferenceInput, _tile_batch
+from .transformer import OmniTransferBlock, OmniTransferTransformer, ReferenceInput
 
-EXPERT_SUFFIX = "_mot_ref"  # published name suffix of every expert module
 BLOCK_PARTS = ("norm1", "attn1", "norm2", "attn2", "norm3", "ffn", "scale_shift_table")  # copied per expert block
 MODEL_PARTS = ("patch_embedding", "condition_embedder")  # copied once
 REFERENCE_TIMESTEP = 1.0  # VAP's reference timestep, on the 0..1000 scale
-NO_CACHE = "{}: references attend to the target, so they cannot be cached; sample with use_reference_cache=False"
 
 
 @dataclasses.dataclass
@@ -93,56 +91,6 @@ def temporal_offsets(reference_grids: Sequence[Grid]) -> list[Grid]:
         offsets.append((start, 0, 0))
         start += grid[0]
     return offsets
-
-
-def tile_reference(ref: ReferenceInput, batch: int) -> ReferenceInput:
-    """The reference with every tensor repeated to a target batch that stacks copies (guidance branches)."""
-    tensors = {f.name: getattr(ref, f.name) for f in dataclasses.fields(ref)}
-    return dataclasses.replace(
-        ref, **{name: _tile_batch(value, batch) for name, value in tensors.items() if torch.is_tensor(value)}
-    )
-
-
-class Stream(NamedTuple):
-    """One token stream of a joint block (a NamedTuple, so FSDP casts and checkpointing see its tensors)."""
-
-    hidden: torch.Tensor  # (B, S, D) tokens
-    temb: torch.Tensor  # (B, 6, D) or per-token (B, S, 6, D): the blocks' modulation input
-    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin (1, S, 1, head_dim)
-    text: torch.Tensor  # (B, L, D) projected text context
-    image: torch.Tensor | None = None  # (B, N, D) projected image context
-    expert: bool = False  # run on the block's expert copy (``*_mot_ref``) instead of the backbone modules
-
-
-def joint_step(block: nn.Module, streams: Sequence[Stream], num_outputs: int | None = None) -> list[Stream]:
-    """The first ``num_outputs`` streams (default all) after one ``JointBlock``, through its ``forward``."""
-    hidden = block(streams, num_outputs)
-    return [s._replace(hidden=h) for s, h in zip(streams, hidden)]
-
-
-class JointBlock(OmniTransferBlock):
-    """A Wan block whose self-attention runs jointly over several token streams (full, bidirectional)."""
-
-    def forward(self, streams: Sequence[Stream], num_outputs: int | None = None) -> list[torch.Tensor]:
-        """New hidden states (B, S_i, D) of the first ``num_outputs`` streams (default: all).
-
-        All queries attend to the keys/values of all streams; each stream otherwise keeps its own
-        modulation, RoPE, cross-attention context and modules. Streams past ``num_outputs`` only give
-        keys/values (for a last layer whose outputs for them would go unused).
-        """
-        n = len(streams) if num_outputs is None else num_outputs
-        suffixes = [EXPERT_SUFFIX if s.expert else "" for s in streams]
-        modulations = [self._modulation(s.temb, x) for s, x in zip(streams, suffixes)]
-        qkv = [self._qkv(s.hidden, m, s.rope, x) for s, m, x in zip(streams, modulations, suffixes)]
-        q = torch.cat([q for q, _, _ in qkv[:n]], dim=1)  # (B, S_1 + ... + S_n, heads, head_dim)
-        k = torch.cat([k for _, k, _ in qkv], dim=1)  # (B, S_1 + ... + S_all, heads, head_dim)
-        v = torch.cat([v for _, _, v in qkv], dim=1)
-        attended = self._attend(q, k, v, self.attn1.processor._attention_backend)  # (B, S_1 + ... + S_n, D)
-        parts = attended.split([s.hidden.shape[1] for s in streams[:n]], dim=1)
-        return [
-            self._after_attention(s.hidden, a, m, s.text, s.image, x)
-            for s, a, m, x in zip(streams[:n], parts, modulations, suffixes)
-        ]
 
 
 class VAPBlock(JointBlock):
@@ -181,6 +129,8 @@ class VAPTransformer(OmniTransferTransformer):
     (published name; None: every 4th block).
     """
 
+    caches_references = False  # references attend to the target
+    reference_needs_first_frame = True  # each reference is conditioned on its own first frame
     _no_split_modules = ["OmniTransferBlock", "VAPBlock"]
     _keep_in_fp32_modules = OmniTransferTransformer._keep_in_fp32_modules + [
         name + EXPERT_SUFFIX for name in ("scale_shift_table", "norm1", "norm2", "norm3")
@@ -239,8 +189,6 @@ class VAPTransformer(OmniTransferTransformer):
     def _block_class(self, index: int) -> type[OmniTransferBlock]:
         return VAPBlock if index in self.expert_blocks else OmniTransferBlock
 
-    reference_needs_first_frame = True
-
     @staticmethod
     def make_reference(latent, task, context, first_frame=None) -> VAPReference:
         """A VAP reference: conditioned on its own first frame (latent, CLIP tokens), as an I2V target."""
@@ -273,12 +221,9 @@ class VAPTransformer(OmniTransferTransformer):
         return self
 
     # ---- forward --------------------------------------------------------------------------------------
-    def encode_references(self, references, target_grid):
-        raise ValueError(NO_CACHE.format("VAP"))
-
     def _reference_streams(self, references: Sequence[ReferenceInput], batch: int) -> list[Stream]:
         """Expert streams of the references: own patch/condition embedding, timestep 1, negative times."""
-        references = [tile_reference(r, batch) for r in references]
+        references = [r.tile(batch) for r in references]
         grids = [self.token_grid(r.latents) for r in references]
         streams = []
         for ref, grid, offset in zip(references, grids, temporal_offsets(grids)):
@@ -306,7 +251,7 @@ class VAPTransformer(OmniTransferTransformer):
         image cross-attention is skipped); their batch may divide the target's.
         """
         if reference_cache is not None:
-            raise ValueError(NO_CACHE.format("VAP"))
+            self.check_cacheable()
         grid = self.token_grid(hidden_states)
         x, temb, proj, text, image = self._embed(
             hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image

@@ -275,3 +275,28 @@ def save_video(frames, path: str | os.PathLike, fps: float = 16) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".mp4") as tmp:  # the suffix tells PyAV the container
         _encode_h264(frames, tmp, fps)
+
+
+VideoLike = str | Path | np.ndarray  # a path, or uint8 frames (T, H, W, 3)
+ImageLike = str | Path | np.ndarray  # a path, or a uint8 image (H, W, 3)
+
+
+def load_video(video: VideoLike, num_frames: int, height: int, width: int) -> np.ndarray:
+    """uint8 frames (num_frames, height, width, 3) of a video file or array: resized to cover, centre-cropped,
+    resampled in time; InputError on anything else."""
+    if isinstance(video, (str, Path)):
+        return read_video(video, num_frames=num_frames, height=height, width=width)
+    frames = np.asarray(video)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+        raise InputError(f"reference video array of shape {frames.shape}: expected uint8 (T, H, W, 3), T > 0")
+    return resample_frames(resize_and_crop(frames, height, width), num_frames)
+
+
+def load_image(image: ImageLike, height: int, width: int) -> np.ndarray:
+    """A uint8 image (height, width, 3) from an image file or array, resized to cover and centre-cropped."""
+    if isinstance(image, (str, Path)):
+        return read_image(image, height=height, width=width)
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise InputError(f"image array of shape {array.shape}: expected uint8 (H, W, 3)")
+    return resize_and_crop(array, height, width)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from ..alignment import TaskAlignment
 from ..errors import InputError
-from ..pipeline import find_alignment
+from ..model_folder import find_alignment
 from .config import TrainConfig
 from .objective import Batch
 from .parallelize import World

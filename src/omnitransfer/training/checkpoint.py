@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..alignment import split_query_table
 from ..errors import InputError
 from ..files import replace_folder
-from ..pipeline import SETTINGS_FILE
+from ..model_folder import SETTINGS_FILE
 from ..transformer import OmniTransferTransformer
 from .parallelize import World, barrier, unwrap
 

@@ -118,7 +118,7 @@ class TrainConfig:
     @property
     def model_folder(self) -> Path:
         """The base model's folder ("embedded": the packaged model)."""
-        from ..pipeline import EMBEDDED_MODEL
+        from ..model_folder import EMBEDDED_MODEL
 
         return EMBEDDED_MODEL if self.model == "embedded" else Path(self.model)
 

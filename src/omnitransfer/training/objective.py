@@ -10,7 +10,7 @@ processes, and a resumed run draws exactly what an uninterrupted one would.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -121,9 +121,6 @@ def flow_matching_loss(
     if input_dtype is not None:
         model_in, prompt = model_in.to(input_dtype), prompt.to(input_dtype)
         image = None if image is None else image.to(input_dtype)
-        references = [
-            replace(r, **{f.name: v.to(input_dtype) for f in fields(r) if torch.is_tensor(v := getattr(r, f.name))})
-            for r in references
-        ]
+        references = [r.to(input_dtype) for r in references]
     pred = model(model_in, s * NUM_TRAIN_TIMESTEPS, prompt, image, references=references).sample
     return F.mse_loss(pred.float(), velocity.float())

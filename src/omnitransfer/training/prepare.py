@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from ..errors import InputError
-from ..video import check_num_frames
+from ..video import check_num_frames, load_image, load_video
 from .manifest import Record, load_manifest
 
 if TYPE_CHECKING:  # heavy modules load only when preparing (the CLI's argument checks stay fast)
@@ -46,7 +46,7 @@ def encoders_digest(model: str | Path | None) -> str:
     """A digest of the encoder files a cache is made with (``ENCODERS``, found along the model's
     ``base_model`` chain): each file's name, size, first and last MiB. Cheap at 14B scale (UMT5 alone is
     11 GB), yet it changes when a codec is refitted or an encoder retrained in the same folder."""
-    from ..pipeline import EMBEDDED_MODEL, find_component
+    from ..model_folder import EMBEDDED_MODEL, find_component
 
     digest = hashlib.sha256()
     for name in ENCODERS:
@@ -170,7 +170,7 @@ def prepare(
         aligner.to(device)
     s = pipe.settings
     num_frames, height, width = num_frames or s.num_frames, height or s.height, width or s.width
-    pipe._check_size(height, width, num_frames)
+    pipe.check_size(height, width, num_frames)
     if pipe.image_encoder is None and any(r.has_image for r in records):
         raise InputError(f"{model or 'the embedded model'}: no image encoder, but records have a first frame")
 
@@ -342,7 +342,7 @@ class _Encoder:
         if kind == "mllm video":  # uint8 (frames_per_reference, h', w', 3)
             return torch.tensor(self.alignment.fit_reference(self._frames(source)))
         if kind.startswith("mllm "):  # uint8 (h', w', 3)
-            image = self._frames(source)[0] if kind == "mllm first frame of" else self.pipe._load_image(source, h, w)
+            image = self._frames(source)[0] if kind == "mllm first frame of" else load_image(source, h, w)
             return torch.tensor(self.alignment.fit_image(image))
         image = self._frames(source)[0] if kind == "first frame of" else source
         latent, tokens = self.pipe.encode_first_frame(image, n, h, w)
@@ -351,5 +351,5 @@ class _Encoder:
     def _frames(self, path: Path):
         """uint8 (T, H, W, 3) at the target size; the last video is kept, as its first frame may follow."""
         if self._decoded[0] != path:
-            self._decoded = (path, self.pipe._load_video(path, *self.size))
+            self._decoded = (path, load_video(path, *self.size))
         return self._decoded[1]

@@ -18,7 +18,7 @@ from ..codecs import load_codec, to_uint8
 from ..conditioning import target_condition
 from ..errors import InputError
 from ..methods import get_method, load_transformer
-from ..pipeline import ALIGNMENT_FOLDER, export_base, find_component
+from ..model_folder import ALIGNMENT_FOLDER, export_base, find_component
 from ..sampling import denoise, make_scheduler
 from ..transformer import OmniTransferTransformer
 from ..video import save_video
@@ -163,7 +163,7 @@ class Trainer:
             raise InputError(f"{self.output}: holds checkpoints already: pass --resume, or choose another --output")
         self.resume_from = existing[-1] if resume and existing else None
         self.cache = LatentCache(config.data)  # validates the cache before anything heavy
-        self.cache.read_reference_first_frames = get_method(config.method).model.reference_needs_first_frame
+        self.cache.read_reference_first_frames = get_method(config.method).reference_needs_first_frame
         if self.cache.read_reference_first_frames and not self.cache.info.get("reference_first_frames"):
             raise InputError(
                 f"method {config.method!r} conditions each reference on its first frame: "
@@ -374,7 +374,7 @@ class Trainer:
             settings["mllm"] = str(self.alignment.mllm_folder)
             weights = None if self.alignment_ema is None else self.alignment_ema.full_state()
             write_more = partial(_save_alignment, self.alignment, weights)
-        model_class = get_method(self.config.method).model
+        model_class = get_method(self.config.method)
         folder = export_model(self.output / "model", state, arch, base, settings, model_class, write_more)
         print(f"exported {folder}", flush=True)
         return folder
