@@ -47,6 +47,7 @@ from PIL import Image
 
 from .errors import InputError
 from .tasks import Task
+from .video import evenly_spaced
 
 TASKS: tuple[Task, ...] = tuple(Task)  # the order of ``MLLMInputs.query_tasks`` (and of the former query table)
 CONFIG_FILE = "alignment.json"
@@ -268,7 +269,7 @@ def patchify_video(image_processor, frames: np.ndarray, tokens: int | None = Non
 
 def sample_frames(frames: np.ndarray, count: int) -> np.ndarray:
     """``count`` frames spread evenly over a video (T, H, W, 3), repeating frames if T < count."""
-    return frames[np.linspace(0, len(frames) - 1, count).round().astype(int)]
+    return frames[evenly_spaced(len(frames), count)]
 
 
 class TaskAlignment(nn.Module):

@@ -19,7 +19,7 @@ from .evaluation import held_still, native_sample, transfer
 from .files import atomic_path
 from .synthetic import Sample
 from .tasks import Task
-from .video import save_video
+from .video import evenly_spaced, save_video
 
 PANELS = ("reference", "first frame", "generated", "target")
 SEPARATOR = 2  # pixels between panels (even, so H.264's even-size rule holds)
@@ -58,7 +58,7 @@ def comparison_video(videos: Sequence[np.ndarray]) -> np.ndarray:
 def comparison_strip(videos: Sequence[np.ndarray], columns: int = 5, scale: int = 2) -> np.ndarray:
     """One row per video, ``columns`` evenly spaced frames each, every frame enlarged ``scale`` times
     (nearest-neighbour) -> (rows*H*scale + (rows-1)*sep, columns*W*scale + (columns-1)*sep, 3)."""
-    picks = np.round(np.linspace(0, len(videos[0]) - 1, columns)).astype(int)
+    picks = evenly_spaced(len(videos[0]), columns)
     enlarged = [v[picks].repeat(scale, axis=1).repeat(scale, axis=2) for v in videos]  # (columns, H*s, W*s, 3)
     return grid([list(v) for v in enlarged])
 

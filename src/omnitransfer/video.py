@@ -72,8 +72,8 @@ def _resize_pil(img: Image.Image, height: int | None, width: int | None) -> np.n
     return np.ascontiguousarray(_center_crop(np.asarray(img), height, width))
 
 
-def _resample_indices(total: int, num_frames: int) -> np.ndarray:
-    """`num_frames` evenly spaced indices into `total` frames (repeats when upsampling)."""
+def evenly_spaced(total: int, num_frames: int) -> np.ndarray:
+    """`num_frames` evenly spaced indices into `total` frames, rounded to nearest (repeats when upsampling)."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
     return np.round(np.linspace(0, total - 1, num_frames)).astype(np.int64)
@@ -92,7 +92,7 @@ def resize_and_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def resample_frames(frames: np.ndarray, num_frames: int) -> np.ndarray:
     """Evenly pick `num_frames` frames along axis 0 (rounded linspace); repeats frames when upsampling."""
-    return frames[_resample_indices(len(frames), num_frames)]
+    return frames[evenly_spaced(len(frames), num_frames)]
 
 
 # ---------------------------------------------------------------------------- reading
@@ -169,7 +169,7 @@ def read_video(
     with _open_video(path) as (container, stream):
         reported = stream.frames  # 0 when the container does not say
         if num_frames is not None and reported > 0:  # convert and keep only the picked frames
-            picks = _resample_indices(reported, num_frames)
+            picks = evenly_spaced(reported, num_frames)
             wanted = set(picks)
             kept, decoded = {}, 0
             for i, frame in enumerate(container.decode(stream)):
@@ -187,7 +187,7 @@ def read_video(
         warnings.warn(f"{Path(path)}: {len(frames)} frames decode of the {reported} its container reports "
                       "(a truncated file?); using those", InputWarning, stacklevel=2)  # fmt: skip
     if num_frames is not None:
-        frames = [frames[i] for i in _resample_indices(len(frames), num_frames)]
+        frames = [frames[i] for i in evenly_spaced(len(frames), num_frames)]
     return np.stack(frames)
 
 
