@@ -17,7 +17,7 @@ All start from the embedded model's starting folder (random DiT, PatchCodec; `sc
 and train every parameter (plus, for +MLLM, the connector and MetaQueries) jointly in one schedule: a
 from-scratch world has no pretrained DiT, so the paper's stage 1 (DiT on UMT5) and stage 2 (connector with the
 DiT frozen) would only spend the equal budget unevenly. The scores are the transfer benchmark's
-(``evaluation.run_benchmark``, the model only) and the task-confusion rate: the share of outputs closer to the
+(``transfer_benchmark.run_benchmark``, the model only) and the task-confusion rate: the share of outputs closer to the
 reference video itself than to the target (``synthetic.metrics.reference_copy``).
 
 Every part resumes (data, cache, training, scores): rerun the same command after a stop.
@@ -36,8 +36,8 @@ from pathlib import Path
 
 import yaml
 
-from omnitransfer.evaluation import HEADLINES, LOWER_IS_BETTER, markdown_table
 from omnitransfer.files import write_json
+from omnitransfer.transfer_benchmark import HEADLINES, LOWER_IS_BETTER, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name: (method, the alignment module's settings over ALIGNMENT, or None: without it)
@@ -132,7 +132,7 @@ def train(name: str, out: Path, model: Path, cache: Path, steps: int, nproc: int
 def score(name: str, folder: Path, count: int, guidance: float, shift: float) -> dict:
     """The transfer benchmark of one trained variant (the model system only, sampled with ``guidance`` and
     ``shift``), cached beside it."""
-    from omnitransfer import evaluation
+    from omnitransfer import transfer_benchmark
     from omnitransfer.pipeline import OmniTransferPipeline
 
     path = folder.parent / "scores.json"
@@ -140,9 +140,9 @@ def score(name: str, folder: Path, count: int, guidance: float, shift: float) ->
         return json.loads(path.read_text())
     pipe = OmniTransferPipeline.from_pretrained(folder)
     pipe.settings = dataclasses.replace(pipe.settings, guidance_scale=guidance, flow_shift=shift)
-    records = evaluation.run_benchmark(pipe, count=count, systems=("model",))
-    data = evaluation.report(records, variant=name, model=str(folder), count=count)
-    evaluation.write_report(data, path)
+    records = transfer_benchmark.run_benchmark(pipe, count=count, systems=("model",))
+    data = transfer_benchmark.report(records, variant=name, model=str(folder), count=count)
+    transfer_benchmark.write_report(data, path)
     return data
 
 

@@ -3,7 +3,8 @@ import itertools
 import pytest
 
 from omnitransfer.errors import InputError
-from omnitransfer.tasks import Family, Task, reference_offsets
+from omnitransfer.positional_bias import reference_offsets
+from omnitransfer.tasks import Family, Task
 
 
 def test_flags_and_families():

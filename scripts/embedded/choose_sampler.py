@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omnitransfer.evaluation import HEADLINES, LOWER_IS_BETTER
+from omnitransfer.transfer_benchmark import HEADLINES, LOWER_IS_BETTER
 
 VALIDATION_START = 100_000
 
@@ -48,8 +48,8 @@ def validation_samples(pipe, count: int) -> list:
 
 def validation_scores(pipe, samples: list) -> dict[str, float]:
     """Each task's headline metric, averaged over its validation samples (sample i generated with seed i)."""
-    from omnitransfer.evaluation import transfer
     from omnitransfer.synthetic.metrics import evaluate
+    from omnitransfer.transfer_benchmark import transfer
 
     values: dict[str, list[float]] = {task: [] for task in HEADLINES}
     for sample, candidates in samples:

@@ -10,7 +10,7 @@ to the prompt and its first frame's CLIP tokens; only target tokens produce outp
   reference at times F ... F + F_ref - 1, each further one after the previous, h/w positions as the
   target's, whatever the task. (For appearance tasks this equals TPB's rule; the two differ on temporal
   tasks, which TPB shifts along width instead.)
-- ``full-attention-tpb``: the same with Task-aware Positional Bias (``tasks.reference_offsets``).
+- ``full-attention-tpb``: the same with Task-aware Positional Bias (``positional_bias.reference_offsets``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from itertools import accumulate
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from .joint_attention import JointBlock, Stream, joint_step
-from .tasks import Grid, reference_offsets
+from .positional_bias import reference_offsets
+from .rope import Grid
 from .transformer import OmniTransferBlock, OmniTransferTransformer, ReferenceInput
 
 

@@ -225,29 +225,29 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _benchmark_transfer(args: argparse.Namespace) -> None:
     """Check the options, load the model, score every system on every task, print tables, write JSON."""
-    from . import evaluation
+    from . import transfer_benchmark
 
     names = [name for item in args.tasks for name in item.split(",") if name.strip()]
     everything = [name.strip().lower() for name in names] == ["all"]
-    tasks = evaluation.check_options(list(Task) if everything else names, args.count, args.steps)
+    tasks = transfer_benchmark.check_options(list(Task) if everything else names, args.count, args.steps)
     if args.output is not None:
         if args.output.suffix.lower() != ".json":
             raise InputError(f"--output {args.output}: expected a .json file path")
         check_writable(args.output, "--output")  # before hours of work
     start = time.perf_counter()
     pipe = _load_pipeline(args.model, args.device, first_frames=any(t.family is Family.TEMPORAL for t in tasks))
-    records = evaluation.run_benchmark(pipe, tasks, args.count, args.steps, args.seed, progress=not args.quiet)
+    records = transfer_benchmark.run_benchmark(pipe, tasks, args.count, args.steps, args.seed, progress=not args.quiet)
     steps = args.steps or pipe.settings.num_inference_steps
     s = pipe.settings
     print(
         f"transfer benchmark: {args.model or 'embedded model'}, {args.count} test samples per task, "
         f"{s.width}x{s.height}x{s.num_frames}, {steps} steps, seed {args.seed}\n"
     )
-    print(evaluation.format_tables(records))
+    print(transfer_benchmark.format_tables(records))
     if args.output is not None:
         meta = dict(model=str(args.model or "embedded"), count=args.count, steps=steps, seed=args.seed)
         meta |= dict(height=s.height, width=s.width, num_frames=s.num_frames)
-        evaluation.write_report(evaluation.report(records, **meta), args.output)
+        transfer_benchmark.write_report(transfer_benchmark.report(records, **meta), args.output)
         print(f"\nwrote {args.output}")
     print(f"\n{len(records)} scored videos in {time.perf_counter() - start:.1f} s")
 

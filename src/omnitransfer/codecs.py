@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
-from .video import check_num_frames
+from .latent_layout import CausalLatentLayout
+from .patch_codec import PatchCodec, is_patch_codec
 
 
 def to_unit_range(frames: np.ndarray) -> torch.Tensor:
@@ -21,19 +22,6 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
     """(1, 3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3)."""
     frames = ((video[0].permute(1, 2, 3, 0).float().cpu() + 1.0) * 127.5).round().clamp(0, 255)
     return frames.to(torch.uint8).numpy()
-
-
-class CausalLatentLayout:
-    """Wan's latent time axis, shared by every codec: frame 0 alone, then one latent frame per
-    ``temporal_factor`` frames, so frame counts are 4k+1 for a factor of 4."""
-
-    temporal_factor: int
-
-    def check_num_frames(self, num_frames: int, what: str = "frame count") -> None:
-        check_num_frames(num_frames, self.temporal_factor, what)
-
-    def latent_frames(self, num_frames: int) -> int:
-        return (num_frames - 1) // self.temporal_factor + 1
 
 
 class WanVAECodec(CausalLatentLayout):
@@ -78,8 +66,6 @@ class WanVAECodec(CausalLatentLayout):
 def load_codec(folder: str | Path):
     """The codec of a ``vae/`` folder: diffusers' ``AutoencoderKLWan`` (float32, as Wan recommends) or the
     embedded model's light ``PatchCodec``; both expose the ``WanVAECodec`` interface."""
-    from .patch_codec import PatchCodec, is_patch_codec
-
     if is_patch_codec(folder):
         return PatchCodec.from_pretrained(folder)
     vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)

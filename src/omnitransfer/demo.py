@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .evaluation import held_still, native_sample, transfer
 from .files import atomic_path
 from .synthetic import Sample
 from .tasks import Task
+from .transfer_benchmark import held_still, native_sample, transfer
 from .video import evenly_spaced, save_video
 
 PANELS = ("reference", "first frame", "generated", "target")

@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .codecs import CausalLatentLayout
 from .errors import InputError
+from .latent_layout import CausalLatentLayout
 
 CLASS_NAME = "PatchCodec"
 WEIGHTS = "diffusion_pytorch_model.safetensors"

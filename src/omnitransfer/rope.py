@@ -13,7 +13,8 @@ import functools
 import torch
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
-from .tasks import Grid
+# A token grid (frames, height, width) after patchify, and a RoPE position offset along the same axes.
+Grid = tuple[int, int, int]
 
 
 def axis_dims(head_dim: int) -> tuple[int, int, int]:

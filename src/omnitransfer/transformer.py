@@ -2,7 +2,7 @@
 
 One set of Wan block weights serves two branches:
 - the reference branch runs each reference at timestep 0, with its own RoPE positions (Task-aware
-  Positional Bias, see ``tasks.reference_offsets``) and its own text context; its self-attention sees
+  Positional Bias, see ``positional_bias.reference_offsets``) and its own text context; its self-attention sees
   only its own tokens, so it never depends on the target or on the denoising step;
 - the target branch runs the noisy target at timestep t; its self-attention attends over its own keys
   plus every reference's keys of the same layer; it cross-attends to the prompt and its first frame's
@@ -37,8 +37,9 @@ from diffusers.models.transformers.transformer_wan import (
 )
 
 from .conditioning import reference_input
-from .rope import apply_rotary, rope_tables
-from .tasks import Grid, Task, reference_offsets
+from .positional_bias import reference_offsets
+from .rope import Grid, apply_rotary, rope_tables
+from .tasks import Task
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, S, heads, head_dim), rotated keys
 

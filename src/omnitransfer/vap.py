@@ -56,7 +56,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from .conditioning import target_condition, target_input
 from .joint_attention import EXPERT_SUFFIX, JointBlock, Stream, joint_step
-from .tasks import Grid
+from .rope import Grid
 from .transformer import OmniTransferBlock, OmniTransferTransformer, ReferenceInput
 
 BLOCK_PARTS = ("norm1", "attn1", "norm2", "attn2", "norm3", "ffn", "scale_shift_table")  # copied per expert block

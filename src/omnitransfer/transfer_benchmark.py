@@ -55,7 +55,7 @@ HEADLINES = {
 
 
 @dataclass(frozen=True)
-class Record:
+class Score:
     """One system's scores on one test sample; ``seconds`` is its generation time (None for ``copy``)."""
 
     task: str
@@ -122,7 +122,7 @@ def copy_baseline(sample: Sample) -> np.ndarray:
 
 def score_sample(
     pipe, sample: Sample, steps: int | None = None, seed: int = 0, systems: Sequence[str] = SYSTEMS
-) -> list[Record]:
+) -> list[Score]:
     """Generate and score ``systems`` on one sample (the retrieval candidates are described once)."""
     candidates = candidate_descriptors(sample) if sample.task.family is Family.APPEARANCE else None
     records = []
@@ -134,7 +134,7 @@ def score_sample(
             video = transfer(pipe, sample, system == "model", steps, seed)
             seconds = time.perf_counter() - start
         scores = evaluate(sample, video, candidates)
-        records.append(Record(sample.task.value, sample.index, sample.kind, sample.held_out, system, seconds, scores))
+        records.append(Score(sample.task.value, sample.index, sample.kind, sample.held_out, system, seconds, scores))
     return records
 
 
@@ -146,12 +146,12 @@ def run_benchmark(
     seed: int = 0,
     progress: bool = True,
     systems: Sequence[str] = SYSTEMS,
-) -> list[Record]:
+) -> list[Score]:
     """Score ``systems`` on test samples 0..count-1 of each task; sample i is generated with seed + i.
     ``progress`` shows one bar per task on stderr."""
     from tqdm import tqdm
 
-    records: list[Record] = []
+    records: list[Score] = []
     for task in check_options(tasks, count, steps):
         for index in tqdm(range(count), desc=f"{task.value:>6}", unit="sample", file=sys.stderr, disable=not progress):
             records += score_sample(pipe, native_sample(pipe, task, index), steps, seed + index, systems)
@@ -161,7 +161,7 @@ def run_benchmark(
 # ---------------------------------------------------------------------------- aggregation
 
 
-def summarize(records: Sequence[Record]) -> dict[str, float]:
+def summarize(records: Sequence[Score]) -> dict[str, float]:
     """Mean of every metric over one system's per-sample records, with ``n``: the one place where
     per-sample scores become a system's numbers (derived numbers, such as a task confusion, go here)."""
     summary: dict[str, float] = {"n": len(records)}
@@ -170,17 +170,17 @@ def summarize(records: Sequence[Record]) -> dict[str, float]:
     return summary
 
 
-def _subset(records: Iterable[Record], subset: str) -> list[Record]:
+def _subset(records: Iterable[Score], subset: str) -> list[Score]:
     return [r for r in records if subset == "all" or r.held_out == (subset == "held-out")]
 
 
-def median_seconds(records: Iterable[Record]) -> float | None:
+def median_seconds(records: Iterable[Score]) -> float | None:
     """Median generation time per video of the records that generated one (None if none did)."""
     times = [r.seconds for r in records if r.seconds is not None]
     return statistics.median(times) if times else None
 
 
-def aggregate(records: Sequence[Record]) -> dict[str, dict[str, dict]]:
+def aggregate(records: Sequence[Score]) -> dict[str, dict[str, dict]]:
     """{task: {system: {"seconds_median": ..., subset: summarize(...)}}}, non-empty subsets only."""
     result: dict[str, dict[str, dict]] = {}
     systems = [s for s in SYSTEMS if any(r.system == s for r in records)]
@@ -208,7 +208,7 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def format_tables(records: Sequence[Record]) -> str:
+def format_tables(records: Sequence[Score]) -> str:
     """One markdown table per task: rows = system x subset (all; held-out and seen kinds when the samples
     have both), columns = the task's mean metrics and the median seconds per generated video; a legend
     of which metrics are better lower follows each."""
@@ -228,7 +228,7 @@ def format_tables(records: Sequence[Record]) -> str:
     return "\n\n".join(blocks)
 
 
-def report(records: Sequence[Record], **meta) -> dict:
+def report(records: Sequence[Score], **meta) -> dict:
     """Everything as JSON-able data: ``meta`` (model, steps, seed, ...), per-sample records and aggregates."""
     return {
         **meta,

@@ -1,4 +1,4 @@
-"""The transfer benchmark (omnitransfer.evaluation) and the per-task demo (omnitransfer.demo) on a tiny model."""
+"""The transfer benchmark (omnitransfer.transfer_benchmark) and the per-task demo on a tiny model."""
 
 import json
 import math
@@ -11,9 +11,11 @@ from PIL import Image
 from omnitransfer import cli
 from omnitransfer.demo import SEPARATOR, comparison_video, write_demo
 from omnitransfer.errors import InputError
-from omnitransfer.evaluation import (
+from omnitransfer.synthetic import make_sample
+from omnitransfer.tasks import Task
+from omnitransfer.transfer_benchmark import (
     SYSTEMS,
-    Record,
+    Score,
     aggregate,
     check_options,
     copy_baseline,
@@ -21,8 +23,6 @@ from omnitransfer.evaluation import (
     run_benchmark,
     transfer,
 )
-from omnitransfer.synthetic import make_sample
-from omnitransfer.tasks import Task
 from omnitransfer.video import video_info
 
 H = W = 32
@@ -100,7 +100,7 @@ def test_no_reference_drops_only_the_reference():
 
 def test_held_out_and_seen_are_split_only_when_both_occur():
     def record(system, held_out, value, seconds):
-        return Record("style", 0, "ink", held_out, system, seconds, {"correct": value, "rank": 1.0})
+        return Score("style", 0, "ink", held_out, system, seconds, {"correct": value, "rank": 1.0})
 
     records = [record(s, h, v, 1.0 + v if s != "copy" else None) for s in SYSTEMS for h, v in ((True, 1), (False, 0))]
     records.append(record("model", False, 0, 5.0))
