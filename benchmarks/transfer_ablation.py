@@ -101,7 +101,7 @@ def variant_config(name: str, out: Path, model: Path, cache: Path, steps: int) -
 def prepare_data(out: Path, model: Path, per_task: int, steps: int) -> Path:
     """Training pairs, the tiny Qwen2.5-VL and one cache every variant reads (VAP's reference first frames and
     the MLLM's inputs and prefix states included). -> the cache folder."""
-    from omnitransfer.tiny import build_tiny_qwen2_5_vl
+    from omnitransfer.tiny_qwen import build_tiny_qwen2_5_vl
 
     data, qwen, cache = out / "data", out / "tiny-qwen2.5-vl", out / "cache"
     if not (data / ".complete").exists():

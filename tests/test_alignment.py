@@ -12,18 +12,12 @@ import torch
 from conftest import TINY_WAN
 from safetensors.torch import load_file, save_file
 
-from omnitransfer.alignment import (
-    CONFIG_FILE,
-    DEFAULT_TEMPLATES,
-    WEIGHTS_FILE,
-    AlignmentConfig,
-    TaskAlignment,
-    patchify_video,
-)
+from omnitransfer.alignment import CONFIG_FILE, WEIGHTS_FILE, AlignmentConfig, TaskAlignment
 from omnitransfer.conditioning import reference_input
 from omnitransfer.errors import InputError
+from omnitransfer.mllm_inputs import DEFAULT_TEMPLATES, patchify_video
 from omnitransfer.tasks import Task
-from omnitransfer.tiny import build_tiny_qwen2_5_vl
+from omnitransfer.tiny_qwen import build_tiny_qwen2_5_vl
 from omnitransfer.transformer import OmniTransferTransformer, ReferenceInput
 
 TEXT_DIM = TINY_WAN["text_dim"]

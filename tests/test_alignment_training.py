@@ -16,7 +16,8 @@ from omnitransfer.alignment import WEIGHTS_FILE, TaskAlignment
 from omnitransfer.errors import InputError
 from omnitransfer.pipeline import OmniTransferPipeline
 from omnitransfer.tasks import Task
-from omnitransfer.tiny import build_tiny_qwen2_5_vl, build_tiny_wan_i2v
+from omnitransfer.tiny_qwen import build_tiny_qwen2_5_vl
+from omnitransfer.tiny_wan import build_tiny_wan_i2v
 from omnitransfer.training.alignment import check_cache, target_contexts
 from omnitransfer.training.batches import collate
 from omnitransfer.training.cache import LatentCache

@@ -162,7 +162,7 @@ def test_bad_input_gives_one_line_and_no_output(bad_files, tmp_path, case):
         out, before = Path(args[i + 1]), sorted(bad_files.rglob("*"))
         del args[i : i + 2]
     result = run("generate", *args, "--steps", "1", "--quiet", "--output", out)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert message in lines[0] and "Traceback" not in result.stderr

@@ -94,7 +94,7 @@ def test_relative_groups_are_differences_from_the_first_frame(clips):
 
 
 def test_loader_keeps_wan_vae_folders(tmp_path):
-    from omnitransfer.tiny import build_tiny_wan_i2v
+    from omnitransfer.tiny_wan import build_tiny_wan_i2v
 
     folder = build_tiny_wan_i2v(tmp_path / "model")
     assert not is_patch_codec(folder / "vae")
@@ -103,7 +103,7 @@ def test_loader_keeps_wan_vae_folders(tmp_path):
 
 def test_pipeline_generates_through_a_patch_codec(codec, tmp_path):
     from omnitransfer.pipeline import OmniTransferPipeline
-    from omnitransfer.tiny import TinySize, build_tiny_wan_i2v
+    from omnitransfer.tiny_wan import TinySize, build_tiny_wan_i2v
 
     folder = build_tiny_wan_i2v(tmp_path / "model", size=TinySize(z_dim=8, height=32, width=32, num_frames=9))
     codec.save_pretrained(folder / "vae")

@@ -7,7 +7,7 @@ from diffusers import WanImageToVideoPipeline
 
 from omnitransfer import InputError, OmniTransferPipeline, Reference, Task
 from omnitransfer.model_folder import find_component
-from omnitransfer.tiny import build_tiny_wan_i2v
+from omnitransfer.tiny_wan import build_tiny_wan_i2v
 
 SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "samples"
 SIZE = dict(num_frames=9, height=32, width=48)
@@ -243,7 +243,7 @@ def test_alignment_module_gives_the_target_its_context_once_per_generation(model
     import shutil
 
     from omnitransfer.alignment import AlignmentConfig, TaskAlignment
-    from omnitransfer.tiny import build_tiny_qwen2_5_vl
+    from omnitransfer.tiny_qwen import build_tiny_qwen2_5_vl
 
     folder = tmp_path / "aligned"
     shutil.copytree(model_dir, folder)
@@ -298,7 +298,7 @@ def test_encoders_only_pipeline_for_prepare(model_dir, monkeypatch):
 def test_one_latent_per_token(tmp_path):
     """A transformer with (1, 1, 1) patches (4x Wan's tokens: build_model.py --patch) generates with references,
     and its reference cache still equals recomputation."""
-    from omnitransfer.tiny import TinySize
+    from omnitransfer.tiny_wan import TinySize
 
     folder = build_tiny_wan_i2v(tmp_path / "p1", seed=3, size=TinySize(num_layers=1, patch_size=(1, 1, 1)))
     assert json.loads((folder / "transformer" / "config.json").read_text())["patch_size"] == [1, 1, 1]

@@ -25,8 +25,8 @@ from omnitransfer.synthetic import (
     styles,
     world,
 )
-from omnitransfer.synthetic.alignment import estimate_motion, phase_correlation
 from omnitransfer.synthetic.raster import gaussian_blur, luminance
+from omnitransfer.synthetic.registration import estimate_motion, phase_correlation
 from omnitransfer.synthetic.textures import fractal_noise
 from omnitransfer.tasks import Family, Task
 from omnitransfer.video import read_image, read_video

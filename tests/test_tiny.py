@@ -1,4 +1,4 @@
-"""The tiny random-weight Wan2.1-I2V folder builder (omnitransfer.tiny)."""
+"""The tiny random-weight Wan2.1-I2V folder builder (omnitransfer.tiny_wan)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from omnitransfer.model_folder import SETTINGS_FILE
-from omnitransfer.tiny import TINY_VOCAB, TinySize, build_tiny_wan_i2v
+from omnitransfer.tiny_wan import TINY_VOCAB, TinySize, build_tiny_wan_i2v
 
 COMPONENTS = ("image_encoder", "image_processor", "scheduler", "text_encoder", "tokenizer", "transformer", "vae")
 

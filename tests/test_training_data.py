@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from omnitransfer import InputError, OmniTransferPipeline, Reference, Task
+from omnitransfer.cli import add_prepare_command
 from omnitransfer.codecs import WanVAECodec
 from omnitransfer.model_folder import EMBEDDED_MODEL
 from omnitransfer.patch_codec import PatchCodec
 from omnitransfer.training import cache as cache_module
 from omnitransfer.training.cache import LatentCache, tensor_shapes
 from omnitransfer.training.manifest import ManifestError, load_manifest
-from omnitransfer.training.prepare import add_prepare_command, encoders_digest, prepare
+from omnitransfer.training.prepare import encoders_digest, prepare
 from omnitransfer.video import read_video, save_video
 
 TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"

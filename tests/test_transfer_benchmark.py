@@ -31,7 +31,7 @@ F = 9
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from omnitransfer.tiny import TinySize, build_tiny_wan_i2v
+    from omnitransfer.tiny_wan import TinySize, build_tiny_wan_i2v
 
     size = TinySize(height=H, width=W, num_frames=F, num_inference_steps=2)
     return build_tiny_wan_i2v(tmp_path_factory.mktemp("tiny") / "m", size=size)

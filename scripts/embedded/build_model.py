@@ -1,5 +1,5 @@
 """Assemble the embedded model's starting folder: the real Wan2.1 I2V classes at the embedded size
-(`omnitransfer.tiny.build_tiny_wan_i2v`), with a light `PatchCodec` fitted on the synthetic world as `vae/`.
+(`omnitransfer.tiny_wan.build_tiny_wan_i2v`), with a light `PatchCodec` fitted on the synthetic world as `vae/`.
 
     python scripts/embedded/build_model.py --output outputs/embedded-model
 
@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 from omnitransfer.files import replace_folder
-from omnitransfer.tiny import TinySize
+from omnitransfer.tiny_wan import TINY_VOCAB, TinySize, build_tiny_wan_i2v
 
 #: The embedded model's size. Transformer: 6 Wan blocks of width 192 (4 heads x 48), FFN 768: 4.4 M
 #: parameters (the issue's prototype size, which ran ~1 step/s at batch 16 on 2 cores).
@@ -54,11 +54,10 @@ SIZE = TinySize(
 
 def world_vocabulary() -> tuple[str, ...]:
     """The tiny tokenizer's vocabulary plus the synthetic world's words it lacks (appended)."""
-    from omnitransfer import tiny
     from omnitransfer.synthetic import VOCABULARY
 
-    known = set(tiny.TINY_VOCAB)
-    return tiny.TINY_VOCAB + tuple(w for w in VOCABULARY if w not in known)
+    known = set(TINY_VOCAB)
+    return TINY_VOCAB + tuple(w for w in VOCABULARY if w not in known)
 
 
 #: adaLN-Zero: the parameters zeroed in the starting transformer (block and output modulation tables,
@@ -81,28 +80,22 @@ def build(output: Path, seed: int = 0, fit_clips: int = 40, patch: tuple[int, in
           relative: bool = False) -> Path:  # fmt: skip
     """The starting folder at ``SIZE`` (with the transformer's ``patch`` size when given; a ``relative`` codec
     codes later frames as differences from the first)."""
-    from omnitransfer import tiny
     from omnitransfer.patch_codec import PatchCodec
     from omnitransfer.synthetic import fixed_clips
 
     codec = PatchCodec.fit(fixed_clips("train", fit_clips, SIZE.height, SIZE.width, SIZE.num_frames), SIZE.z_dim,
                            relative=relative)  # fmt: skip
 
-    original = tiny.TINY_VOCAB
-    tiny.TINY_VOCAB = world_vocabulary()  # read by build_tiny_tokenizer and the text encoder's vocab_size
-    try:
-        with tempfile.TemporaryDirectory(prefix=".embedded-model-", dir=output.parent) as tmp:
-            size = SIZE if patch is None else dataclasses.replace(SIZE, patch_size=patch)
-            staging = tiny.build_tiny_wan_i2v(Path(tmp) / "model", seed=seed, size=size)
-            adaln_zero(staging / "transformer" / "diffusion_pytorch_model.safetensors")
-            shutil.rmtree(staging / "vae")
-            codec.save_pretrained(staging / "vae")
-            index = json.loads((staging / "model_index.json").read_text())
-            index["vae"] = ["omnitransfer", "PatchCodec"]
-            (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-            replace_folder(staging, output)
-    finally:
-        tiny.TINY_VOCAB = original
+    with tempfile.TemporaryDirectory(prefix=".embedded-model-", dir=output.parent) as tmp:
+        size = SIZE if patch is None else dataclasses.replace(SIZE, patch_size=patch)
+        staging = build_tiny_wan_i2v(Path(tmp) / "model", seed=seed, size=size, vocabulary=world_vocabulary())
+        adaln_zero(staging / "transformer" / "diffusion_pytorch_model.safetensors")
+        shutil.rmtree(staging / "vae")
+        codec.save_pretrained(staging / "vae")
+        index = json.loads((staging / "model_index.json").read_text())
+        index["vae"] = ["omnitransfer", "PatchCodec"]
+        (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        replace_folder(staging, output)
     return output
 
 
@@ -140,9 +133,9 @@ def round_trip_scores(pipe, count: int = 10) -> dict[str, float]:
     import torch
 
     from omnitransfer.codecs import to_uint8, to_unit_range
-    from omnitransfer.evaluation import HEADLINES, native_sample
     from omnitransfer.synthetic.metrics import candidate_descriptors, evaluate
     from omnitransfer.tasks import Family, Task
+    from omnitransfer.transfer_benchmark import HEADLINES, native_sample
 
     scores = {}
     for task in Task:

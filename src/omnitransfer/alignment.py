@@ -1,14 +1,8 @@
 """Task-adaptive Multimodal Alignment (TMA): Qwen2.5-VL reads the request, MetaQueries carry it to the DiT.
 
-The MLLM reads, in order (OmniTransfer, section 4):
-
-    [first frame]  [reference video 1] ... [reference video n]  templates  [prompt]  MetaQueries
-
-- the target's first frame as an image (``<|vision_start|><|image_pad|>...<|vision_end|>``), when given;
-- each reference video, in request order (``<|video_pad|>`` tokens fed by ``pixel_values_videos`` and
-  ``video_grid_thw``, positioned by Qwen2.5-VL's own 3D M-RoPE);
-- the template sentence of each task in request order, then the prompt, when given;
-- the learnable MetaQuery embeddings of each task, in request order.
+What the MLLM reads (first frame, reference videos, task templates, prompt, then the MetaQueries) and
+as which inputs is ``mllm_inputs``; reusing a frozen MLLM's states before the queries is
+``prefix_cache``; which trainer stage trains this module is ``training.stages``.
 
 The hidden states at the MetaQuery positions (one chosen layer) pass a 3-layer MLP connector into the
 DiT's text dimension and become the target branch's cross-attention context, where UMT5 features go
@@ -19,12 +13,6 @@ Combinations: the query blocks of the requested tasks are concatenated, so the c
 ``sum(queries per task)`` tokens, block i at task i's queries. The LLM is causal, so a block also reads
 the blocks before it (as it reads every earlier token): a task's block in a combination is not the
 output it would have alone; it depends on the whole request, the other tasks included.
-
-Training (``omnitransfer.training``): a request is first reduced to what the MLLM reads at its own
-resolution (``request`` -> `Request`, what a training cache stores), then tokenised (``inputs``). With a
-frozen MLLM (no LoRA), the keys and values of every token before the MetaQueries do not depend on
-anything that trains (the LLM is causal), so they can be computed once (``prefix`` -> `Prefix`) and only
-the queries run at each step (``forward(inputs, prefix)``); with LoRA the whole MLLM runs every step.
 
 Only the connector, the MetaQueries and (optional) LoRA factors on the LLM's attention are this
 project's weights; they are saved apart from the Qwen2.5-VL checkpoint, which any local folder from 3B
@@ -43,30 +31,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image
 
+from . import mllm_inputs
 from .errors import InputError
+from .mllm_inputs import DEFAULT_TEMPLATES, TASKS, MLLMInputs, Request, load_mllm
+from .prefix_cache import Prefix, compute_prefix, query_pass
 from .tasks import Task
-from .video import evenly_spaced
+from .training.stages import trains_alignment
 
-TASKS: tuple[Task, ...] = tuple(Task)  # the order of ``MLLMInputs.query_tasks`` (and of the former query table)
 CONFIG_FILE = "alignment.json"
 WEIGHTS_FILE = "alignment.safetensors"
 
-#: One short sentence per task naming what to take from the reference (the paper gives no text).
-DEFAULT_TEMPLATES: dict[str, str] = {
-    Task.ID.value: "Transfer the identity of the subject in the reference video.",
-    Task.STYLE.value: "Transfer the visual style of the reference video.",
-    Task.EFFECT.value: "Transfer the visual effect of the reference video.",
-    Task.CAMERA.value: "Transfer the camera movement of the reference video.",
-    Task.MOTION.value: "Transfer the body motion of the reference video.",
-}
-
 #: LoRA targets: the LLM's attention projections (matched in the language model only, not the vision tower).
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-#: The trainer's stages (``Stage.trainable``) and what each trains of this module.
-STAGE_SETS = {"blocks": False, "connector": True, "all": True}
 
 
 @dataclass
@@ -120,51 +97,6 @@ class LoraSettings:
     targets: tuple[str, ...]
 
 
-@dataclass
-class MLLMInputs:
-    """One request as Qwen2.5-VL inputs; the MetaQuery placeholders are the last tokens, one block per task."""
-
-    input_ids: torch.Tensor  # (1, S)
-    mm_token_type_ids: torch.Tensor  # (1, S): 0 text, 1 image, 2 video
-    query_tasks: torch.Tensor  # (n_tasks,): each requested task's index in TASKS, in order
-    pixel_values: torch.Tensor | None = None  # (patches, C * temporal_patch * patch^2) of the first frame
-    image_grid_thw: torch.Tensor | None = None  # (1, 3)
-    pixel_values_videos: torch.Tensor | None = None  # (patches of all references, C * temporal_patch * patch^2)
-    video_grid_thw: torch.Tensor | None = None  # (n_references, 3)
-    second_per_grid_ts: torch.Tensor | None = None  # (n_references,) seconds per temporal patch
-
-    def to(self, device) -> MLLMInputs:
-        return MLLMInputs(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
-
-
-@dataclass
-class Request:
-    """One request reduced to what the MLLM reads, at its resolution: what a training cache stores.
-
-    references: per task, uint8 (frames_per_reference, h, w, 3) sampled from the reference video and
-    resized to ``video_tokens``; source_frames: each reference video's frame count before sampling (it
-    spaces the temporal M-RoPE); first_frame: uint8 (h, w, 3) resized to ``image_tokens``, or None.
-    """
-
-    tasks: tuple[Task, ...]
-    references: list[np.ndarray]
-    source_frames: list[int]
-    first_frame: np.ndarray | None = None
-    prompt: str | None = None
-
-
-@dataclass
-class Prefix:
-    """A frozen MLLM's keys and values over a request's tokens before its MetaQueries (``TaskAlignment.prefix``).
-
-    The request without its prompt is a prefix of the request with it (``TaskAlignment.inputs``), so the
-    same states also serve the request with the prompt dropped.
-    """
-
-    input_ids: torch.Tensor  # (S,) the tokens they were computed over
-    states: torch.Tensor  # (layers, 2, kv_heads, S, head_dim): rotated keys, values
-
-
 def split_query_table(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Own weights by name, the former layout's single "queries" table (tasks, Q, hidden; rows in TASKS
     order) split into the per-task ``queries.<task>`` parameters; other layouts as they are."""
@@ -179,97 +111,6 @@ def mlp_connector(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim)
     )
-
-
-def load_mllm(folder: str | Path, torch_dtype: torch.dtype = torch.float32):
-    """Qwen2.5-VL base model (no LM head), tokenizer and image processor of a local checkpoint folder.
-
-    One path for every size (3B to 72B) and every weight layout (the published folders', transformers
-    4.52-4.57's and 5's); a weight missing from the folder is an error, never a random one. Only
-    safetensors are read. Video frames go through the image processor
-    (``patchify_video``), so no torchvision is needed.
-    """
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise InputError(f"{folder}: no config.json (expected a local Qwen2.5-VL checkpoint folder)")
-    try:
-        model_type = AutoConfig.from_pretrained(folder).model_type
-        if model_type != "qwen2_5_vl":
-            raise InputError(f"{folder}: model_type {model_type!r}, expected 'qwen2_5_vl'")
-        # The checkpoints' own class: its weight renaming knows every layout (the base model's does not
-        # know transformers 4.52-4.57's). The LM head is dropped after loading.
-        full, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            folder, dtype=torch_dtype, use_safetensors=True, output_loading_info=True
-        )
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        image_processor = AutoImageProcessor.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        if isinstance(err, InputError):
-            raise
-        raise InputError(f"{folder}: cannot load the Qwen2.5-VL checkpoint ({str(err).splitlines()[0]})") from None
-    missing = [k for k in info["missing_keys"] if not k.startswith("lm_head.")]
-    if missing:
-        raise InputError(f"{folder}: {len(missing)} weights missing from the checkpoint, e.g. {sorted(missing)[0]}")
-    return full.model.eval(), tokenizer, image_processor
-
-
-def _pixel_budget(image_processor, tokens: int) -> dict:
-    """The image processor's ``size`` for at most ``tokens`` LLM tokens per frame (one per merged patch)."""
-    factor = image_processor.patch_size * image_processor.merge_size
-    most = tokens * factor * factor
-    return {"shortest_edge": min(image_processor.size["shortest_edge"], most), "longest_edge": most}
-
-
-def fit_frames(image_processor, frames: np.ndarray, tokens: int) -> np.ndarray:
-    """uint8 frames (..., H, W, 3) resized (bicubic, aspect kept) to at most ``tokens`` LLM tokens each,
-    both sides multiples of patch x merge: the size Qwen2.5-VL's processors give them."""
-    try:  # transformers 5 (no torchvision needed)
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-    except ImportError:  # transformers 4
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-    budget = _pixel_budget(image_processor, tokens)
-    factor = image_processor.patch_size * image_processor.merge_size
-    size = frames.shape[-3:-1]
-    h, w = smart_resize(*size, factor=factor, min_pixels=budget["shortest_edge"], max_pixels=budget["longest_edge"])
-    if (h, w) == size:
-        return frames
-    flat = frames.reshape(-1, *frames.shape[-3:])  # (N, H, W, 3)
-    resized = [np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC)) for f in flat]
-    return np.stack(resized).reshape(*frames.shape[:-3], h, w, 3)
-
-
-def patchify_video(image_processor, frames: np.ndarray, tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen2.5-VL video patches of uint8 frames (T, H, W, 3), T a multiple of the temporal patch.
-
-    Each frame goes through the checkpoint's image processor (resize to ``tokens`` LLM tokens, or none
-    when None: frames already fitted by `fit_frames`; rescale, normalise, patchify), which repeats a
-    still frame over the temporal patch; here consecutive frames fill it instead, in the layout of
-    transformers' ``Qwen2VLVideoProcessor``: rows (t, h/m, w/m, m, m), columns (C, temporal, p, p).
-    Returns ``pixel_values_videos`` (t * h * w, C * tp * p * p) and its grid (1, 3).
-    """
-    tp = image_processor.temporal_patch_size
-    if len(frames) % tp:
-        raise ValueError(f"{len(frames)} frames: expected a multiple of the temporal patch {tp}")
-    out = image_processor(
-        images=list(frames),
-        **({"size": _pixel_budget(image_processor, tokens)} if tokens else {"do_resize": False}),
-        input_data_format="channels_last",
-        return_tensors="pt",
-    )
-    grid_h, grid_w = out.image_grid_thw[0, 1:].tolist()
-    n = grid_h * grid_w
-    patches = out.pixel_values.reshape(len(frames), n, 3, tp, -1)[:, :, :, 0]  # (T, n, C, p*p): one copy
-    patches = patches.reshape(len(frames) // tp, tp, n, 3, -1).permute(0, 2, 3, 1, 4)  # (t, n, C, tp, p*p)
-    grid = torch.tensor([[len(frames) // tp, grid_h, grid_w]])
-    return patches.reshape(grid[0, 0] * n, -1), grid
-
-
-def sample_frames(frames: np.ndarray, count: int) -> np.ndarray:
-    """``count`` frames spread evenly over a video (T, H, W, 3), repeating frames if T < count."""
-    return frames[evenly_spaced(len(frames), count)]
 
 
 class TaskAlignment(nn.Module):
@@ -365,13 +206,13 @@ class TaskAlignment(nn.Module):
 
     def own_state(self) -> dict[str, torch.Tensor]:
         """This project's weights (connector, MetaQueries, LoRA factors) by name, as CPU copies."""
-        return {k: p.detach().cpu().clone().contiguous() for k, p in self.trainable_parameters("all").items()}
+        return {k: p.detach().cpu().clone().contiguous() for k, p in self.own_parameters().items()}
 
     def load_own_state(self, weights: dict[str, torch.Tensor], where) -> None:
         """Load ``own_state`` weights (or the former layout's: one "queries" table, a row per task of
         TASKS); InputError naming ``where`` unless they are exactly this module's."""
         weights = split_query_table(weights)
-        own = self.trainable_parameters("all")
+        own = self.own_parameters()
         if set(weights) != set(own):
             raise InputError(f"{where}: weights {sorted(set(weights) ^ set(own))[:3]}... do not match the module")
         wrong = [k for k, p in own.items() if weights[k].shape != p.shape]
@@ -401,15 +242,15 @@ class TaskAlignment(nn.Module):
                 p.data = p.data.float()
                 p.requires_grad_(self.connector[0].weight.requires_grad)
 
-    def trainable_parameters(self, stage: str) -> dict[str, nn.Parameter]:
-        """Parameters a trainer stage trains here: none for "blocks" (stage 1, the UMT5 path); the
-        connector, the MetaQueries and the LoRA factors for "connector" and "all". The MLLM's base
-        weights never train."""
-        if stage not in STAGE_SETS:
-            raise ValueError(f"stage {stage!r}: expected one of {sorted(STAGE_SETS)}")
-        if not STAGE_SETS[stage]:
-            return {}
+    def own_parameters(self) -> dict[str, nn.Parameter]:
+        """This project's parameters: the connector, the MetaQueries and the LoRA factors (never the
+        MLLM's base weights)."""
         return {name: p for name, p in self.named_parameters() if not name.startswith("mllm.") or ".lora_" in name}
+
+    def trainable_parameters(self, stage: str) -> dict[str, nn.Parameter]:
+        """Parameters a trainer stage (``training.stages``) trains here: ``own_parameters`` in a stage that
+        trains this module, else none."""
+        return self.own_parameters() if trains_alignment(stage) else {}
 
     def set_trainable(self, stage: str) -> dict[str, nn.Parameter]:
         """Turn ``requires_grad`` on for the stage's parameters only; returns them."""
@@ -426,81 +267,22 @@ class TaskAlignment(nn.Module):
         first_frame: np.ndarray | None = None,
         prompt: str | None = None,
     ) -> Request:
-        """What the MLLM reads of one request: uint8 reference videos (T, H, W, 3), one per task in order,
-        each sampled to ``frames_per_reference`` frames, and an optional uint8 first frame (H, W, 3), all
-        resized to the MLLM's token budgets; the prompt is optional."""
-        tasks = tuple(t if isinstance(t, Task) else Task.parse(t) for t in tasks)
-        if not tasks or len(reference_frames) != len(tasks):
-            raise InputError(f"{len(reference_frames)} reference videos for {len(tasks)} tasks: expected one per task")
-        if first_frame is not None:
-            first_frame = np.asarray(first_frame)
-            if first_frame.ndim != 3 or first_frame.shape[-1] != 3 or first_frame.dtype != np.uint8:
-                raise InputError(f"first frame of shape {first_frame.shape}: expected uint8 (H, W, 3)")
-            first_frame = self.fit_image(first_frame)
-        videos = [np.asarray(frames) for frames in reference_frames]
-        for frames in videos:
-            if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
-                raise InputError(f"reference video of shape {frames.shape}: expected uint8 (T, H, W, 3), T > 0")
-        return Request(tasks, [self.fit_reference(v) for v in videos], [len(v) for v in videos], first_frame, prompt)
+        """What the MLLM reads of one request (``mllm_inputs.read_request``)."""
+        return mllm_inputs.read_request(self.image_processor, self.config, tasks, reference_frames, first_frame, prompt)
 
     def fit_reference(self, frames: np.ndarray) -> np.ndarray:
-        """A reference video (T, H, W, 3) as the MLLM reads it: ``frames_per_reference`` frames, resized."""
-        return fit_frames(self.image_processor, sample_frames(frames, self.config.frames_per_reference),
-                          self.config.video_tokens)  # fmt: skip
+        """A reference video (T, H, W, 3) as the MLLM reads it (``mllm_inputs.fit_reference``)."""
+        return mllm_inputs.fit_reference(self.image_processor, self.config, frames)
 
     def fit_image(self, image: np.ndarray) -> np.ndarray:
-        """A first frame (H, W, 3) as the MLLM reads it: resized to ``image_tokens`` tokens."""
-        return fit_frames(self.image_processor, image, self.config.image_tokens)
+        """A first frame (H, W, 3) as the MLLM reads it (``mllm_inputs.fit_image``)."""
+        return mllm_inputs.fit_image(self.image_processor, self.config, image)
 
     def inputs(self, request: Request, pixels: bool = True) -> MLLMInputs:
-        """A request as Qwen2.5-VL inputs; ``pixels=False`` leaves the pixel values out (all that
-        ``forward`` needs with a ``Prefix``). The task templates and the prompt are tokenised apart, so
-        the request without its prompt is a prefix of the request with it."""
-        cfg, mc, ip = self.config, self.mllm.config, self.image_processor
-        p, merged = ip.patch_size, ip.merge_size**2  # pixels per patch side, patches per LLM token
-        ids: list[int] = []
-
-        def vision(token_id: int, grid: torch.Tensor) -> None:
-            ids.extend([mc.vision_start_token_id, *[token_id] * (int(grid.prod()) // merged), mc.vision_end_token_id])
-
-        image = {}
-        if request.first_frame is not None:
-            h, w = request.first_frame.shape[:2]
-            image["image_grid_thw"] = torch.tensor([[1, h // p, w // p]])
-            if pixels:
-                out = ip(images=[request.first_frame], do_resize=False, input_data_format="channels_last",
-                         return_tensors="pt")  # fmt: skip
-                image["pixel_values"] = out.pixel_values
-            vision(mc.image_token_id, image["image_grid_thw"])
-
-        grids, patches, seconds = [], [], []
-        for frames, source in zip(request.references, request.source_frames, strict=True):
-            t, h, w = len(frames) // ip.temporal_patch_size, frames.shape[1] // p, frames.shape[2] // p
-            grids.append(torch.tensor([[t, h, w]]))
-            if pixels:
-                patches.append(patchify_video(ip, frames)[0])
-            # a temporal patch spans temporal_patch_size sampled frames, each source/len source frames apart
-            seconds.append(ip.temporal_patch_size * source / len(frames) / cfg.video_fps)
-            vision(mc.video_token_id, grids[-1])
-
-        texts = [" ".join(cfg.templates[t.value] for t in request.tasks)]
-        if request.prompt and request.prompt.strip():
-            texts.append(" " + request.prompt.strip())
-        for text in texts:
-            ids.extend(self.tokenizer(text, add_special_tokens=False).input_ids)
-        placeholder = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids.extend([placeholder] * (len(request.tasks) * cfg.queries_per_task))  # replaced by the MetaQueries
-
-        input_ids = torch.tensor([ids])
-        token_types = (input_ids == mc.image_token_id).int() + 2 * (input_ids == mc.video_token_id).int()
-        return MLLMInputs(
-            input_ids=input_ids,
-            mm_token_type_ids=token_types,
-            query_tasks=torch.tensor([TASKS.index(t) for t in request.tasks]),
-            pixel_values_videos=torch.cat(patches) if pixels else None,
-            video_grid_thw=torch.cat(grids),
-            second_per_grid_ts=torch.tensor(seconds),
-            **image,
+        """A request as Qwen2.5-VL inputs (``mllm_inputs.build_inputs``); ``pixels=False`` leaves the pixel
+        values out (all that ``forward`` needs with a ``Prefix``)."""
+        return mllm_inputs.build_inputs(
+            self.tokenizer, self.image_processor, self.mllm.config, self.config, request, pixels
         )
 
     def prepare(
@@ -513,64 +295,12 @@ class TaskAlignment(nn.Module):
         """The MLLM inputs of one request (``request``, then ``inputs``)."""
         return self.inputs(self.request(tasks, reference_frames, first_frame, prompt))
 
-    def _positions(self, inputs: MLLMInputs) -> torch.Tensor:
-        """Qwen2.5-VL's 3D M-RoPE positions of every token: (3, 1, S)."""
-        return self.mllm.get_rope_index(
-            inputs.input_ids,
-            inputs.mm_token_type_ids,
-            image_grid_thw=inputs.image_grid_thw,
-            video_grid_thw=inputs.video_grid_thw,
-            second_per_grid_ts=inputs.second_per_grid_ts,
-        )[0]
-
-    @torch.no_grad()
     def prefix(self, inputs: MLLMInputs) -> Prefix:
-        """The frozen MLLM's keys and values over the tokens before the MetaQueries (float32, on the CPU).
-
-        The LLM is causal: they depend on neither the queries nor the connector, so they hold as long
-        as the MLLM's own weights do (no LoRA), and ``forward(inputs, prefix)`` then runs the queries only.
-        """
+        """The frozen MLLM's keys and values over the tokens before the MetaQueries
+        (``prefix_cache.compute_prefix``); ``forward(inputs, prefix)`` then runs the queries only."""
         if self.lora is not None:
             raise RuntimeError("the prefix states of an MLLM with LoRA change as it trains: run it live")
-        inputs = inputs.to(self.mllm.device)
-        n = inputs.input_ids.shape[1] - len(inputs.query_tasks) * self.config.queries_per_task
-        out = self.mllm(
-            input_ids=inputs.input_ids[:, :n],
-            mm_token_type_ids=inputs.mm_token_type_ids[:, :n],
-            pixel_values=inputs.pixel_values,
-            image_grid_thw=inputs.image_grid_thw,
-            pixel_values_videos=inputs.pixel_values_videos,
-            video_grid_thw=inputs.video_grid_thw,
-            second_per_grid_ts=inputs.second_per_grid_ts,
-            position_ids=self._positions(inputs)[:, :, :n],
-            use_cache=True,
-        )
-        layers = out.past_key_values.layers
-        states = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in layers])  # (L, 2, kv, n, d)
-        return Prefix(inputs.input_ids[0, :n].cpu(), states.float().cpu())
-
-    def _query_pass(self, inputs: MLLMInputs, queries: torch.Tensor, prefix: Prefix):
-        """The LLM over the MetaQueries (1, Q, hidden) alone, attending to the prefix's cached keys and values."""
-        from transformers import DynamicCache
-
-        n = inputs.input_ids.shape[1] - queries.shape[1]
-        cached = prefix.input_ids[:n].to(inputs.input_ids)
-        if n > len(prefix.input_ids) or not torch.equal(cached, inputs.input_ids[0, :n]):
-            raise InputError(
-                "the cached MLLM prefix was computed over other tokens (another template, tokenizer or "
-                "frame size): prepare the cache again for this alignment module"
-            )
-        cache = DynamicCache(config=self.mllm.config.text_config)
-        for i, (keys, values) in enumerate(prefix.states[:, :, :, :n].to(queries)):  # each (kv_heads, n, head_dim)
-            cache.update(keys[None], values[None], i)
-        last = self.config.hidden_layer == -1
-        return self.mllm.language_model(
-            inputs_embeds=queries,
-            position_ids=self._positions(inputs)[:, :, n:],
-            past_key_values=cache,
-            use_cache=True,
-            output_hidden_states=not last,
-        )
+        return compute_prefix(self.mllm, inputs, len(inputs.query_tasks) * self.config.queries_per_task)
 
     def forward(self, inputs: MLLMInputs, prefix: Prefix | None = None) -> torch.Tensor:
         """MetaQuery states of prepared inputs through the connector: (1, Q_total, text_dim), float32.
@@ -584,7 +314,7 @@ class TaskAlignment(nn.Module):
         queries = queries.to(device, self.mllm.get_input_embeddings().weight.dtype)[None]  # (1, Q, hidden)
         last = self.config.hidden_layer == -1
         if prefix is not None:
-            out = self._query_pass(inputs, queries, prefix)
+            out = query_pass(self.mllm, inputs, queries, prefix, output_hidden_states=not last)
         else:
             if inputs.pixel_values_videos is None:
                 raise ValueError("inputs without pixel values: the full MLLM pass needs them (inputs(pixels=True))")

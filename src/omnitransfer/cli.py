@@ -10,9 +10,10 @@ from pathlib import Path
 
 from .errors import InputError, InputWarning, check_sampler, seed
 from .files import check_writable
-from .synthetic.cli import add_synth_command
+from .synthetic.world import SPLITS
 from .tasks import Family, Task
-from .training.prepare import add_prepare_command, run_prepare
+from .training.prepare import DTYPES as PREPARE_DTYPES
+from .training.prepare import prepare
 from .video import check_num_frames, read_image, save_video, video_info
 
 
@@ -78,10 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", type=Path, required=True, help="the .mp4 to write")
     gen.set_defaults(run=_generate)
 
-    add_synth_command(sub)
+    _add_synth_command(sub)
     _add_benchmark_command(sub)
     _add_demo_command(sub)
-    add_prepare_command(sub).set_defaults(run=_prepare)
+    add_prepare_command(sub)
 
     train = sub.add_parser(
         "train", help="train OmniTransfer on a prepared latent cache (torchrun for several processes)"
@@ -93,6 +94,73 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     train.set_defaults(run=_train)
     return parser
+
+
+def _add_synth_command(subparsers) -> None:
+    synth = subparsers.add_parser("synth", help="write synthetic reference/target pairs with exact ground truth")
+    tasks = ", ".join(t.value for t in Task)
+    synth.add_argument("--task", required=True, help=f"one of {tasks}, or all")
+    synth.add_argument("--split", choices=SPLITS, default="train", help="test holds out kinds unseen in train")
+    synth.add_argument("--count", type=int, required=True, help="samples per task (indices 0..count-1)")
+    synth.add_argument("--output", type=Path, required=True, help="folder for the samples and manifest.jsonl")
+    synth.add_argument("--height", type=int, default=64, help="a multiple of 16")
+    synth.add_argument("--width", type=int, default=64, help="a multiple of 16")
+    synth.add_argument("--frames", type=int, default=17, help="frames per video, 4k+1")
+    synth.add_argument("--fps", type=float, default=8.0, help="frame rate of the written videos")
+    synth.add_argument("--seed", type=seed, default=0, help="world seed: another value gives other samples")
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    synth.set_defaults(run=_synth)
+
+
+def add_prepare_command(subparsers) -> argparse.ArgumentParser:
+    """Add ``prepare`` to argparse subparsers; its ``run`` default encodes the manifest."""
+    p = subparsers.add_parser("prepare", help="encode a training manifest once into a latent cache (resumable)")
+    p.add_argument("--manifest", type=Path, required=True, help="JSONL training pairs (one object per line)")
+    p.add_argument("--model", type=Path, help="a local Wan2.1 I2V folder; the embedded model otherwise")
+    p.add_argument("--output", type=Path, required=True, help="the cache folder; rerun the same command to resume")
+    p.add_argument("--height", type=int, help="target height in pixels, a multiple of 16 (model default otherwise)")
+    p.add_argument("--width", type=int, help="target width in pixels, a multiple of 16 (model default otherwise)")
+    p.add_argument("--frames", type=int, help="target frame count, 4k+1 (model default otherwise)")
+    p.add_argument("--shard-size", type=int, default=64, help="records per shard file (default 64)")
+    p.add_argument("--dtype", choices=PREPARE_DTYPES, default="float32", help="storage precision of the tensors")
+    p.add_argument("--device", default="cpu", help="torch device of the encoders, e.g. cuda")
+    p.add_argument(
+        "--reference-first-frames",
+        action="store_true",
+        help="also store each reference's first-frame conditioning (latent + CLIP tokens): VAP trains on it",
+    )
+    p.add_argument(
+        "--alignment",
+        type=Path,
+        metavar="CONFIG",
+        help="a training config (YAML) whose alignment module (its alignment: section, or its model's alignment/) "
+        "the cache is for: also store the MLLM's inputs, and its prefix states when its MLLM is frozen",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_prepare)
+    return p
+
+
+def _run_prepare(args: argparse.Namespace) -> None:
+    report = prepare(
+        args.manifest,
+        args.output,
+        args.model,
+        height=args.height,
+        width=args.width,
+        num_frames=args.frames,
+        shard_size=args.shard_size,
+        dtype=args.dtype,
+        device=args.device,
+        progress=not args.quiet,
+        reference_first_frames=args.reference_first_frames,
+        alignment=args.alignment,
+    )
+    done = f" ({report.shards_skipped} already complete)" if report.shards_skipped else ""
+    print(
+        f"prepared {report.records} records in {report.shards} shards{done}, "
+        f"{report.bytes / 1e6:.1f} MB, in {report.seconds:.1f} s -> {args.output}"
+    )
 
 
 def _add_benchmark_command(sub) -> None:
@@ -270,7 +338,14 @@ def _prepare(args: argparse.Namespace) -> None:
     check_writable(args.output, "--output", folder=True)
     _check_device(args.device)
     _quiet_libraries()
-    run_prepare(args)
+    _run_prepare(args)
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from .synthetic.writer import synthesize
+
+    synthesize(args.task, args.split, args.count, args.output, args.height, args.width, args.frames, args.fps,
+               args.seed, progress=not args.quiet)  # fmt: skip
 
 
 def _train(args: argparse.Namespace) -> None:

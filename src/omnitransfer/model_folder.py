@@ -14,6 +14,7 @@ EMBEDDED_MODEL = Path(__file__).parent / "embedded"
 SETTINGS_FILE = "omnitransfer.json"
 ALIGNMENT_FOLDER = "alignment"  # a model folder's trained alignment module (with ``mllm`` in its settings)
 
+
 @dataclass(frozen=True)
 class Settings:
     """A model's generation defaults, read from ``omnitransfer.json`` in its folder (Wan2.1 480p otherwise).

@@ -4,7 +4,7 @@
 `metrics.evaluate(sample, video)` scores a generated video against it; `synth` (cli.py) writes
 samples to disk. Module map: lexicon (named colours, shapes, patterns), raster / textures / shapes
 (drawing), scenes (backgrounds + objects), one module per task (camera, motion, effects, identity,
-styles), prompts (grammar and VOCABULARY), world (splits, seeds, held-out kinds), alignment (global
+styles), prompts (grammar and VOCABULARY), world (splits, seeds, held-out kinds), registration (global
 motion estimation), metrics.
 """
 

@@ -1,7 +1,7 @@
 """Ground-truth metrics of a generated video against a synthetic sample (numpy, milliseconds to a second).
 
 - every task with a first frame: `first_frame_psnr`, PSNR (dB) of generated frame 0 vs the given frame.
-- camera: the global motion of the generated video (alignment.estimate_motion) vs the true path:
+- camera: the global motion of the generated video (registration.estimate_motion) vs the true path:
   `corner_error_px`, the mean distance between where the view's 4 corners land in frame 0 under the
   estimated and the true camera (the "average corner error" of homography estimation), over frames
   1..T-1; `corner_error` is the same divided by min(H, W). Also per-parameter errors: translation
@@ -29,11 +29,11 @@ import numpy as np
 
 from ..tasks import Task
 from . import world
-from .alignment import estimate_motion
 from .camera import CameraPath
 from .lexicon import rgb
 from .motion import Figure
 from .raster import gaussian_blur, luminance, to_float
+from .registration import estimate_motion
 from .sample import Sample
 
 MAX_PSNR = 100.0

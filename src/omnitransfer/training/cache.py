@@ -32,9 +32,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..alignment import Prefix, Request
 from ..errors import InputError
 from ..files import atomic_path, write_json
+from ..mllm_inputs import Request
+from ..prefix_cache import Prefix
 from ..tasks import Task
 
 VERSION = 1

@@ -11,10 +11,11 @@ from typing import Any
 
 import yaml
 
-from ..alignment import DEFAULT_TEMPLATES, STAGE_SETS, AlignmentConfig
+from ..alignment import AlignmentConfig
 from ..errors import InputError, check_positive
+from ..mllm_inputs import DEFAULT_TEMPLATES
+from .stages import STAGE_SETS, TRAINABLE_SETS
 
-TRAINABLE_SETS = tuple(STAGE_SETS)  # "blocks", "connector", "all"
 MLLM_DTYPES = ("float32", "bfloat16")
 
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..alignment import Prefix, Request
 from ..conditioning import target_condition, target_input
+from ..mllm_inputs import Request
+from ..prefix_cache import Prefix
 from ..tasks import Task
 from .config import Timesteps
 from .parallelize import unwrap

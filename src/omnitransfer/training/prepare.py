@@ -16,7 +16,6 @@ the expensive part, computed here once instead of at every step (``cache.py`` ha
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import time
 from collections.abc import Iterator
@@ -70,57 +69,6 @@ class PrepareReport:
     shards_skipped: int  # complete from an earlier run
     bytes: int  # the cache folder's size
     seconds: float
-
-
-def add_prepare_command(subparsers) -> argparse.ArgumentParser:
-    """Add ``prepare`` to the CLI's subparsers; its ``run`` default is `run_prepare`."""
-    p = subparsers.add_parser("prepare", help="encode a training manifest once into a latent cache (resumable)")
-    p.add_argument("--manifest", type=Path, required=True, help="JSONL training pairs (one object per line)")
-    p.add_argument("--model", type=Path, help="a local Wan2.1 I2V folder; the embedded model otherwise")
-    p.add_argument("--output", type=Path, required=True, help="the cache folder; rerun the same command to resume")
-    p.add_argument("--height", type=int, help="target height in pixels, a multiple of 16 (model default otherwise)")
-    p.add_argument("--width", type=int, help="target width in pixels, a multiple of 16 (model default otherwise)")
-    p.add_argument("--frames", type=int, help="target frame count, 4k+1 (model default otherwise)")
-    p.add_argument("--shard-size", type=int, default=64, help="records per shard file (default 64)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="storage precision of the tensors")
-    p.add_argument("--device", default="cpu", help="torch device of the encoders, e.g. cuda")
-    p.add_argument(
-        "--reference-first-frames",
-        action="store_true",
-        help="also store each reference's first-frame conditioning (latent + CLIP tokens): VAP trains on it",
-    )
-    p.add_argument(
-        "--alignment",
-        type=Path,
-        metavar="CONFIG",
-        help="a training config (YAML) whose alignment module (its alignment: section, or its model's alignment/) "
-        "the cache is for: also store the MLLM's inputs, and its prefix states when its MLLM is frozen",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=run_prepare)
-    return p
-
-
-def run_prepare(args: argparse.Namespace) -> None:
-    report = prepare(
-        args.manifest,
-        args.output,
-        args.model,
-        height=args.height,
-        width=args.width,
-        num_frames=args.frames,
-        shard_size=args.shard_size,
-        dtype=args.dtype,
-        device=args.device,
-        progress=not args.quiet,
-        reference_first_frames=args.reference_first_frames,
-        alignment=args.alignment,
-    )
-    done = f" ({report.shards_skipped} already complete)" if report.shards_skipped else ""
-    print(
-        f"prepared {report.records} records in {report.shards} shards{done}, "
-        f"{report.bytes / 1e6:.1f} MB, in {report.seconds:.1f} s -> {args.output}"
-    )
 
 
 def prepare(

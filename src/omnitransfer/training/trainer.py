@@ -18,7 +18,7 @@ from ..codecs import load_codec, to_uint8
 from ..conditioning import target_condition
 from ..errors import InputError
 from ..methods import get_method, load_transformer
-from ..model_folder import ALIGNMENT_FOLDER, export_base, find_component
+from ..model_folder import ALIGNMENT_FOLDER, export_base, find_component, resolved_settings
 from ..sampling import denoise, make_scheduler
 from ..transformer import OmniTransferTransformer
 from ..video import save_video
@@ -381,7 +381,8 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self, step: int) -> None:
-        """Validation videos of the first cached samples (guidance 5, UniPC). Every process runs the model
+        """Validation videos of the first cached samples, sampled with the model folder's settings (scheduler,
+        flow shift, guidance; Wan2.1's UniPC, 3.0 and 5.0 by default). Every process runs the model
         (FSDP gathers weights inside forward); the main one decodes with the base model's VAE. The target's
         context is the current stage's: the alignment module's (the unconditional one without the prompt)
         in an aligned stage, UMT5's otherwise."""
@@ -389,6 +390,7 @@ class Trainer:
             self._codec = load_codec(find_component(self.config.model_folder, "vae"))
             self._codec.module.to(self.world.device)
         model = unwrap(self.model)  # DDP's wrapper is for training; its module samples as is
+        settings = resolved_settings(self.config.model_folder)
         null = self.cache.null_prompt.to(self.world.device)
         stage = self.config.stage_at(step - 1)[1]
         self.cache.read_mllm = self._aligned(stage)
@@ -403,7 +405,8 @@ class Trainer:
             latents = denoise(
                 model, noise.to(batch.target), target_condition(batch.condition, batch.target),
                 text, batch.image_tokens, batch.reference_inputs(model),
-                make_scheduler("unipc", 3.0), self.config.validation_steps, 5.0,
+                make_scheduler(settings.scheduler, settings.flow_shift), self.config.validation_steps,
+                settings.guidance_scale,
                 use_reference_cache=False, progress=False, dtype=input_dtype(self.config.parallel, self.world),
             )  # fmt: skip
             if self._codec is not None:

@@ -40,19 +40,19 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .model_folder import SETTINGS_FILE
+from .model_folder import SETTINGS_FILE, Settings
 
 __all__ = [
     "TINY_VOCAB",
-    "TinyQwenSize",
     "TinySize",
-    "build_tiny_qwen2_5_vl",
     "build_tiny_tokenizer",
     "build_tiny_wan_i2v",
-    "tiny_qwen_vocabulary",
+    "portable_tokenizer_class",
+    "word_level_tokenizer",
 ]
 
 # Special tokens, with T5's ids: pad 0, eos 1, unk 2.
@@ -180,48 +180,46 @@ class TinySize:
         return (self.clip_image_size // self.clip_patch_size) ** 2 + 1
 
     def defaults(self) -> dict:
-        """The content of ``omnitransfer.json``."""
-        return {
-            "height": self.height,
-            "width": self.width,
-            "num_frames": self.num_frames,
-            "fps": self.fps,
-            "num_inference_steps": self.num_inference_steps,
-            "guidance_scale": self.guidance_scale,
-            "flow_shift": self.flow_shift,
-            "text_max_length": self.text_max_length,
-            "negative_prompt": self.negative_prompt,
-        }
+        """The content of ``omnitransfer.json``: the model-folder `Settings` fields this size sets, in their order."""
+        own = {f.name for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(Settings) if f.name in own}
 
 
-def build_tiny_tokenizer(model_max_length: int = 512):
-    """A T5-like word-level fast tokenizer over :data:`TINY_VOCAB`.
+def word_level_tokenizer(
+    vocabulary: Sequence[str], *, special_tokens: Sequence[str] = (), append_eos: bool = False, **kwargs
+):
+    """A word-level ``transformers.PreTrainedTokenizerFast`` over ``vocabulary`` (index == token id).
 
-    NFKC + lowercase normalisation, whitespace and punctuation splitting, ``<unk>``
-    for unknown words, ``<pad>`` (id 0) padding and ``</s>`` (id 1) appended.
-    Returns a ``transformers.PreTrainedTokenizerFast``.
+    NFKC + lowercase normalisation, whitespace and punctuation splitting, ``<unk>`` for unknown
+    words; ``special_tokens`` are registered as such, ``append_eos`` appends ``eos_token`` to every
+    sequence, ``kwargs`` (``eos_token``, ``pad_token``, ...) go to ``PreTrainedTokenizerFast``.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(TINY_VOCAB)}
+    vocab = {token: i for i, token in enumerate(vocabulary)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
     )
-    eos_id = vocab["</s>"]
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos_id)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        model_max_length=model_max_length,
+    if append_eos:
+        eos = kwargs["eos_token"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, vocab[eos])]
+        )
+    if special_tokens:
+        tok.add_special_tokens(list(special_tokens))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **kwargs)
+
+
+def build_tiny_tokenizer(vocabulary: Sequence[str] = TINY_VOCAB, model_max_length: int = 512):
+    """A T5-like `word_level_tokenizer` over ``vocabulary`` (T5's special tokens first):
+    ``<pad>`` (id 0) padding and ``</s>`` (id 1) appended."""
+    return word_level_tokenizer(
+        vocabulary, append_eos=True, pad_token="<pad>", eos_token="</s>", model_max_length=model_max_length,
         padding_side="right",
-    )
+    )  # fmt: skip
 
 
 def _clip_image_processor_class():
@@ -237,28 +235,18 @@ def _clip_image_processor_class():
     return transformers.CLIPImageProcessor
 
 
-def _build_pipeline(seed: int, size: TinySize):
+def _build_pipeline(seed: int, size: TinySize, vocabulary: Sequence[str]):
     import torch
-    from diffusers import (
-        AutoencoderKLWan,
-        UniPCMultistepScheduler,
-        WanImageToVideoPipeline,
-        WanTransformer3DModel,
-    )
-    from transformers import (
-        CLIPVisionConfig,
-        CLIPVisionModel,
-        UMT5Config,
-        UMT5EncoderModel,
-    )
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    tokenizer = build_tiny_tokenizer(size.tokenizer_max_length)
+    tokenizer = build_tiny_tokenizer(vocabulary, size.tokenizer_max_length)
 
     torch.manual_seed(seed)
     text_encoder = UMT5EncoderModel(
         UMT5Config(
-            vocab_size=len(TINY_VOCAB),
+            vocab_size=len(vocabulary),
             d_model=size.text_d_model,
             d_kv=size.text_d_kv,
             d_ff=size.text_d_ff,
@@ -355,10 +343,15 @@ def _build_pipeline(seed: int, size: TinySize):
 # ``CLIPImageProcessorPil`` (the latter only when torchvision is absent). Those names are
 # environment dependent and do not exist in transformers 4.x, so they are normalised to
 # the stable public aliases; both resolve to the same classes on load.
-_PORTABLE_CLASS_NAMES = {
-    "tokenizer": "PreTrainedTokenizerFast",
-    "image_processor": "CLIPImageProcessor",
-}
+_PORTABLE_CLASS_NAMES = {"tokenizer": "PreTrainedTokenizerFast", "image_processor": "CLIPImageProcessor"}
+
+
+def portable_tokenizer_class(folder: Path) -> None:
+    """Rewrite ``folder/tokenizer_config.json`` with the portable ``tokenizer_class`` (sorted keys)."""
+    tok_cfg_path = folder / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text())
+    tok_cfg["tokenizer_class"] = _PORTABLE_CLASS_NAMES["tokenizer"]
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _normalise_class_names(folder: Path) -> None:
@@ -368,15 +361,16 @@ def _normalise_class_names(folder: Path) -> None:
         if component in index and index[component][0] == "transformers":
             index[component] = ["transformers", class_name]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-    tok_cfg_path = folder / "tokenizer" / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text())
-    tok_cfg["tokenizer_class"] = _PORTABLE_CLASS_NAMES["tokenizer"]
-    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
+    portable_tokenizer_class(folder / "tokenizer")
 
 
-def build_tiny_wan_i2v(path: str | Path, *, seed: int = 0, size: TinySize = TinySize()) -> Path:
+def build_tiny_wan_i2v(
+    path: str | Path, *, seed: int = 0, size: TinySize = TinySize(), vocabulary: Sequence[str] = TINY_VOCAB
+) -> Path:
     """Build a tiny random-weight Wan2.1-I2V diffusers folder at ``path`` and return it.
+
+    ``vocabulary`` is the tokenizer's (index == token id; T5's special tokens first), and sets the
+    text encoder's vocabulary size.
 
     The folder is first written to a temporary sibling directory, then moved into
     ``path`` entry by entry: entries of ``path`` that the build produces (component
@@ -389,7 +383,7 @@ def build_tiny_wan_i2v(path: str | Path, *, seed: int = 0, size: TinySize = Tiny
     path.parent.mkdir(parents=True, exist_ok=True)
 
     with torch.no_grad():
-        pipe = _build_pipeline(seed, size)
+        pipe = _build_pipeline(seed, size, vocabulary)
 
     with tempfile.TemporaryDirectory(prefix=".tiny-wan-", dir=path.parent) as tmp:
         staging = Path(tmp) / "model"
@@ -409,133 +403,4 @@ def build_tiny_wan_i2v(path: str | Path, *, seed: int = 0, size: TinySize = Tiny
             elif target.exists() or target.is_symlink():
                 target.unlink()
             shutil.move(str(entry), str(target))
-    return path
-
-
-# ---- tiny Qwen2.5-VL: the MLLM of the alignment module ---------------------------------------------
-
-# Qwen2.5-VL's special tokens (pad, chat, vision markers and placeholders), then <unk> for a word-level model.
-_QWEN_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<unk>",
-)
-
-
-def tiny_qwen_vocabulary() -> tuple[str, ...]:
-    """Qwen2.5-VL's special tokens, then the synthetic world's words and those of the task templates."""
-    import re
-
-    from .alignment import DEFAULT_TEMPLATES
-    from .synthetic.prompts import VOCABULARY
-
-    template_words = {w for text in DEFAULT_TEMPLATES.values() for w in re.findall(r"\w+|[^\w\s]", text.lower())}
-    return (*_QWEN_SPECIAL_TOKENS, *sorted(set(VOCABULARY) | template_words))
-
-
-@dataclass(frozen=True)
-class TinyQwenSize:
-    """Knobs of the tiny Qwen2.5-VL (7B's structure: GQA, M-RoPE, windowed + full vision attention)."""
-
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4  # head_dim 16; M-RoPE sections (t, h, w) sum to head_dim / 2
-    num_kv_heads: int = 2
-    mrope_section: tuple[int, int, int] = (2, 3, 3)
-    vision_depth: int = 2  # block 0 windowed, block 1 full attention
-    vision_hidden_size: int = 32
-    vision_intermediate_size: int = 64
-    vision_heads: int = 2
-    patch_size: int = 4  # 7B: 14
-    merge_size: int = 2  # 2x2 patches per LLM token
-    temporal_patch_size: int = 2
-    window_size: int = 16  # pixels: 2x2 merged tokens per window
-    min_pixels: int = 256  # 4 LLM tokens
-    max_pixels: int = 4096  # 64 LLM tokens
-
-
-def build_tiny_qwen2_5_vl(path: str | Path, seed: int = 0, size: TinyQwenSize = TinyQwenSize()) -> Path:
-    """Save a random-weight Qwen2.5-VL checkpoint folder at ``path`` and return it.
-
-    ``Qwen2_5_VLForConditionalGeneration`` weights (safetensors) and config, a word-level tokenizer
-    over :func:`tiny_qwen_vocabulary` (lower-cased, punctuation split), and the image processor's
-    ``preprocessor_config.json``: the files a real checkpoint folder holds for
-    ``omnitransfer.alignment.load_mllm``.
-    """
-    import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLImageProcessorPil,
-    )
-
-    path = Path(path)
-    vocab = {token: i for i, token in enumerate(tiny_qwen_vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
-    )
-    tok.add_special_tokens(list(_QWEN_SPECIAL_TOKENS))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<unk>"
-    )
-
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(vocab),
-            hidden_size=size.hidden_size,
-            intermediate_size=size.intermediate_size,
-            num_hidden_layers=size.num_layers,
-            num_attention_heads=size.num_heads,
-            num_key_value_heads=size.num_kv_heads,
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(size.mrope_section)},
-            bos_token_id=vocab["<|endoftext|>"],
-            eos_token_id=vocab["<|im_end|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        ),
-        vision_config=dict(
-            depth=size.vision_depth,
-            hidden_size=size.vision_hidden_size,
-            intermediate_size=size.vision_intermediate_size,
-            num_heads=size.vision_heads,
-            patch_size=size.patch_size,
-            spatial_merge_size=size.merge_size,
-            temporal_patch_size=size.temporal_patch_size,
-            window_size=size.window_size,
-            fullatt_block_indexes=[size.vision_depth - 1],
-            out_hidden_size=size.hidden_size,
-            tokens_per_second=2,  # as Qwen2.5-VL 3B-72B
-        ),
-        image_token_id=vocab["<|image_pad|>"],
-        video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"],
-        vision_end_token_id=vocab["<|vision_end|>"],
-    )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=size.patch_size,
-        merge_size=size.merge_size,
-        temporal_patch_size=size.temporal_patch_size,
-        size={"shortest_edge": size.min_pixels, "longest_edge": size.max_pixels},
-    )
-
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    image_processor.save_pretrained(path)  # image_processor_type "Qwen2VLImageProcessor", as real checkpoints
-    tok_cfg_path = path / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text())
-    tok_cfg["tokenizer_class"] = _PORTABLE_CLASS_NAMES["tokenizer"]
-    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
     return path
