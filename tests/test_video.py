@@ -11,7 +11,7 @@ from PIL import Image
 
 from omnitransfer import video
 from omnitransfer.errors import InputError, InputWarning
-from omnitransfer.video import read_image, read_video, resample_frames, resize_and_crop, save_video, video_info
+from omnitransfer.video import read_image, read_video, resample_frames, resize_frames, save_video, video_info
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 SAMPLE_CLIPS = ["camera_ref1.mp4", "effect_ref2.mp4", "id_ref3.mp4", "motion_ref3.mp4", "style_ref1.mp4"]
@@ -74,7 +74,7 @@ def test_native_size_and_info_of_sample():
 def test_decode_time_resize_matches_in_memory_resize():
     path = SAMPLES / "style_ref1.mp4"
     decoded = read_video(path, num_frames=3, height=120, width=120).astype(np.float32)
-    in_memory = resize_and_crop(read_video(path, num_frames=3), 120, 120).astype(np.float32)
+    in_memory = resize_frames(read_video(path, num_frames=3), 120, 120).astype(np.float32)
     assert np.abs(decoded - in_memory).mean() < 4
 
 
@@ -165,20 +165,20 @@ def test_rotation_metadata_is_applied(tmp_path):
 
 
 @pytest.mark.parametrize("vertical", [False, True])
-def test_resize_and_crop_keeps_centre(vertical):
+def test_resize_frames_keeps_centre(vertical):
     img = thirds_image(60, 180) if not vertical else thirds_image(180, 60, vertical=True)
-    out = resize_and_crop(img, 32, 32)
+    out = resize_frames(img, 32, 32)
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     r, g, b = out.reshape(-1, 3).mean(axis=0)
     assert g > 220 and r < 30 and b < 30  # only the green middle third survives
 
-    clip = resize_and_crop(np.stack([img, img]), 32, 32)
+    clip = resize_frames(np.stack([img, img]), 32, 32)
     assert clip.shape == (2, 32, 32, 3)
     np.testing.assert_array_equal(clip[1], out)
 
 
-def test_resize_and_crop_upscales_to_cover():
-    out = resize_and_crop(thirds_image(30, 90), 64, 64)  # 30x90 -> 64x192 -> centre 64x64
+def test_resize_frames_upscales_to_cover():
+    out = resize_frames(thirds_image(30, 90), 64, 64)  # 30x90 -> 64x192 -> centre 64x64
     assert out.shape == (64, 64, 3)
     assert out[..., 1].mean() > 220
 
@@ -369,4 +369,4 @@ def test_bad_images_raise_one_line_input_error(tmp_path, make, fragment):
 
 def test_height_and_width_must_come_together():
     with pytest.raises(ValueError):
-        resize_and_crop(thirds_image(8, 8), 4, None)
+        resize_frames(thirds_image(8, 8), 4, None)

@@ -14,7 +14,7 @@ from .synthetic.world import SPLITS
 from .tasks import Family, Task
 from .training.prepare import DTYPES as PREPARE_DTYPES
 from .training.prepare import prepare
-from .video import check_num_frames, read_image, save_video, video_info
+from .video import PREPROCESS, check_num_frames, read_image, save_video, video_info
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,6 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", type=Path, help="first frame of the target (temporal tasks)")
     gen.add_argument("--prompt", default="", help="what the target shows")
     gen.add_argument("--negative-prompt", default=None, help="what to avoid (the model's default otherwise)")
+    gen.add_argument(
+        "--ref-negative-prompt",
+        metavar="TEXT",
+        help="the references' caption in the unconditional guidance branch (default: the model folder's, else "
+        "VAP's official negative prompt for vap, each reference's own caption otherwise)",
+    )
+    gen.add_argument(
+        "--preprocess",
+        choices=PREPROCESS,
+        help="how inputs reach the target's size and frame count: crop (cover, centre crop, nearest frames) or "
+        "stretch (VAP's official rule: Lanczos stretch, frames rounded down, CLIP sees the original); default: "
+        "the model folder's, else stretch for vap, crop otherwise",
+    )
     gen.add_argument(
         "--method",
         help="omnitransfer, vap, full-attention or full-attention-tpb (default: the model folder's, else "
@@ -285,6 +298,8 @@ def _generate(args: argparse.Namespace) -> None:
         flow_shift=args.flow_shift,
         use_reference_cache=not args.no_reference_cache,
         progress=not args.quiet,
+        reference_negative_prompt=args.ref_negative_prompt,
+        preprocess=args.preprocess,
     )
     save_video(frames, args.output, fps=args.fps or pipe.settings.fps)
     t, h, w, _ = frames.shape

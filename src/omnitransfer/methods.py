@@ -17,7 +17,7 @@ import torch
 from .baselines import FullAttentionTPBTransformer, FullAttentionTransformer
 from .errors import InputError
 from .transformer import OmniTransferTransformer
-from .vap import VAPTransformer
+from .vap import VAPTransformer, check_config
 
 METHODS: dict[str, type[OmniTransferTransformer]] = {
     "omnitransfer": OmniTransferTransformer,
@@ -35,14 +35,23 @@ def get_method(name: str) -> type[OmniTransferTransformer]:
         raise InputError(f"unknown method {name!r}: expected one of {', '.join(METHODS)}") from None
 
 
-def load_transformer(name: str, folder: Path, torch_dtype: torch.dtype = torch.float32) -> OmniTransferTransformer:
+def load_transformer(
+    name: str, folder: Path, torch_dtype: torch.dtype = torch.float32, text_max_length: int | None = None
+) -> OmniTransferTransformer:
     """Method ``name``'s transformer from a diffusers-format transformer folder (safetensors only).
 
     VAP from a plain Wan folder (no ``block_idx_with_mot_ref`` in its config) starts its expert as a copy
-    of the backbone: an untrained expert, to be trained or replaced by the published VAP weights.
+    of the backbone: an untrained expert, to be trained or replaced by the published VAP weights. A VAP
+    config this code would run wrong (``vap.check_config``; ``text_max_length``: the prompts' padded
+    length) stops here, before any weight loads.
     """
     model_class = get_method(name)
-    config = json.loads((Path(folder) / "config.json").read_text())
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object (a diffusers transformer config)")
+    if model_class is VAPTransformer:
+        check_config(config, str(path), text_max_length)
     if model_class is VAPTransformer and "block_idx_with_mot_ref" not in config:
         backbone = OmniTransferTransformer.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
         return VAPTransformer.from_wan(backbone)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import InputError, check_positive, check_sampler
 from .sampling import SCHEDULERS
+from .video import PREPROCESS
 
 EMBEDDED_MODEL = Path(__file__).parent / "embedded"
 SETTINGS_FILE = "omnitransfer.json"
@@ -33,7 +34,11 @@ class Settings:
     flow_shift: float = 3.0
     scheduler: str = "unipc"
     text_max_length: int = 512
-    negative_prompt: str = ""
+    negative_prompt: str | None = None  # None: the method's own (Video-As-Prompt's official one for vap, "" otherwise)
+    # the references' caption in the unconditional guidance branch; None: the method's own choice
+    # (VAP: its official negative prompt; OmniTransfer and the baselines: each reference's caption in both)
+    reference_negative_prompt: str | None = None
+    preprocess: str | None = None  # "crop" or "stretch" (video.PREPROCESS); None: the method's own
     base_model: str | None = None
     method: str = "omnitransfer"  # the transfer method this folder's transformer was trained for
     mllm: str | None = None  # the Qwen2.5-VL folder of the alignment module (relative to this folder or absolute)
@@ -69,6 +74,8 @@ class Settings:
                 raise InputError(f"{path}: setting {name!r} is {data[name]!r}: expected a positive number")
         check_sampler(data.get("flow_shift"), data.get("guidance_scale"),
                       (f"{path}: setting 'flow_shift' is", f"{path}: setting 'guidance_scale' is"))  # fmt: skip
+        if data.get("preprocess", "crop") not in PREPROCESS:
+            raise InputError(f"{path}: setting 'preprocess' is {data['preprocess']!r}: expected one of {PREPROCESS}")
         if data.get("scheduler", "unipc") not in SCHEDULERS:
             raise InputError(f"{path}: setting 'scheduler' is {data['scheduler']!r}: expected one of {SCHEDULERS}")
         return data

@@ -23,7 +23,7 @@ from .patch_codec import PatchCodec
 from .sampling import denoise, make_scheduler
 from .tasks import Task
 from .transformer import OmniTransferTransformer
-from .video import ImageLike, VideoLike, load_image, load_video
+from .video import ImageLike, VideoLike, check_preprocess, load_image, load_video
 
 
 @dataclass
@@ -46,6 +46,11 @@ def _as_reference(item) -> Reference:
     else:
         raise InputError(f"reference {item!r}: expected Reference(task, video) or a (task, video) pair")
     return replace(ref, task=ref.task if isinstance(ref.task, Task) else Task.parse(ref.task))
+
+
+def _first_given(*values):
+    """The first of ``values`` that is not None (None if none is)."""
+    return next((v for v in values if v is not None), None)
 
 
 class OmniTransferPipeline:
@@ -112,7 +117,9 @@ class OmniTransferPipeline:
         try:
             transformer_dir = component("transformer")
             patch_size = json.loads((transformer_dir / "config.json").read_text())["patch_size"]
-            transformer = load_transformer(method, transformer_dir, torch_dtype) if with_transformer else None
+            transformer = None
+            if with_transformer:
+                transformer = load_transformer(method, transformer_dir, torch_dtype, settings.text_max_length)
             vae = load_codec(component("vae"))
             text_encoder = UMT5EncoderModel.from_pretrained(
                 component("text_encoder"), dtype=torch_dtype, use_safetensors=True
@@ -186,19 +193,21 @@ class OmniTransferPipeline:
 
     @torch.no_grad()
     def encode_first_frame(
-        self, image: ImageLike, num_frames: int, height: int, width: int
+        self, image: ImageLike, num_frames: int, height: int, width: int, preprocess: str = "crop"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A target's I2V conditioning from its first frame, resized to (height, width).
+        """A target's I2V conditioning from its first frame, resized to (height, width) by ``preprocess``.
 
         Returns the codec latent (1, z, f, h, w) of [first frame, zeros...] (``num_frames`` frames)
-        and the frame's CLIP tokens (1, N, image_dim), both float32.
+        and the frame's CLIP tokens (1, N, image_dim), both float32. CLIP reads the resized frame, or
+        with "stretch" the image as given (Video-As-Prompt's pipeline: CLIP's processor sizes it itself).
         """
         if self.image_encoder is None:
             raise InputError("a first frame was given, but this model has no image_encoder (a text-to-video model)")
-        first = load_image(image, height, width)
+        first = load_image(image, height, width, preprocess)
         video = torch.zeros(1, 3, num_frames, height, width)
         video[:, :, :1] = to_unit_range(first[None])  # [first frame, zeros...]
-        return self.codec.encode(video), self.encode_image(first)
+        clip_view = load_image(image, None, None) if preprocess == "stretch" else first
+        return self.codec.encode(video), self.encode_image(clip_view)
 
     # ---- inputs -------------------------------------------------------------------------------------
     def check_size(self, height: int, width: int, num_frames: int) -> None:
@@ -209,24 +218,38 @@ class OmniTransferPipeline:
                 raise InputError(f"{name} {value} is not a positive multiple of {step} (codec x patch size)")
         self.codec.check_num_frames(num_frames)
 
-    def _reference_inputs(self, references: Sequence[Reference], num_frames: int, height: int, width: int):
-        """Decode, encode and flag every reference (their captions encoded together): (inputs, uint8 videos)."""
+    def _reference_inputs(
+        self, references: Sequence[Reference], num_frames: int, height: int, width: int, preprocess: str,
+        negative: str | None,
+    ):  # fmt: skip
+        """Decode, encode and flag every reference (their captions encoded together): (inputs, uint8 videos).
+
+        ``negative``: the references' caption in the unconditional guidance branch, or None (each reference's
+        own caption in both). A reference whose two captions differ gets a context of two rows,
+        (2, L, D) = [caption; negative], one per guidance branch (``sampling.denoise``)."""
         refs = [_as_reference(r) for r in references]
         if not refs:
             return [], []
         model, dtype = self.transformer, self.transformer.dtype
-        captions = self.encode_text([r.prompt for r in refs]).to(dtype)
+        texts = [r.prompt for r in refs] + ([] if negative is None else [negative])
+        captions = self.encode_text(texts).to(dtype)  # (R [+ 1], L, D)
         inputs, videos = [], []
         for i, ref in enumerate(refs):
             n = num_frames if ref.num_frames is None else ref.num_frames
             h, w = height if ref.height is None else ref.height, width if ref.width is None else ref.width
             self.check_size(h, w, n)
-            frames = load_video(ref.video, n, h, w)
+            frames = load_video(ref.video, n, h, w, preprocess)
             first = None
             if model.reference_needs_first_frame:  # (latent of [first frame, zeros...], CLIP tokens)
-                first = tuple(x.to(self.device, dtype) for x in self.encode_first_frame(frames[0], n, h, w))
+                # "stretch": from the frame as decoded (CLIP sizes it itself; both rules pick frame 0 first)
+                source = load_video(ref.video, 1, None, None)[0] if preprocess == "stretch" else frames[0]
+                encoded = self.encode_first_frame(source, n, h, w, preprocess)
+                first = tuple(x.to(self.device, dtype) for x in encoded)
+            context = captions[i : i + 1]
+            if negative is not None and negative.strip() != ref.prompt.strip():
+                context = torch.cat([context, captions[-1:]])
             latent = self.encode_frames(frames).to(self.device, dtype)
-            inputs.append(model.make_reference(latent, ref.task, captions[i : i + 1], first))
+            inputs.append(model.make_reference(latent, ref.task, context, first))
             videos.append(frames)
         return inputs, videos
 
@@ -251,6 +274,7 @@ class OmniTransferPipeline:
         image: ImageLike | None = None,
         prompt: str = "",
         negative_prompt: str | None = None,
+        reference_negative_prompt: str | None = None,
         num_frames: int | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -262,16 +286,28 @@ class OmniTransferPipeline:
         use_reference_cache: bool = True,
         progress: bool = True,
         output_type: str = "np",
+        preprocess: str | None = None,
     ):
-        """Generate a video. Returns uint8 frames (T, H, W, 3), or normalised latents if output_type="latent"."""
+        """Generate a video. Returns uint8 frames (T, H, W, 3), or normalised latents if output_type="latent".
+
+        Arguments left None take the model folder's settings, else the method's defaults (its class):
+        ``negative_prompt`` (VAP: its official one; "" otherwise); ``reference_negative_prompt``, the
+        references' caption in the unconditional branch (VAP: its official negative prompt; otherwise each
+        reference keeps its own caption in both branches); ``preprocess``, how inputs reach the target's size
+        and frame count (``video.PREPROCESS``; VAP: "stretch", its official rule; otherwise "crop").
+        """
         if self.transformer is None:
             raise InputError("this pipeline was loaded without its transformer (with_transformer=False)")
-        s = self.settings
+        s, model = self.settings, self.transformer
         num_frames = s.num_frames if num_frames is None else num_frames
         height, width = s.height if height is None else height, s.width if width is None else width
         steps = s.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = s.guidance_scale if guidance_scale is None else guidance_scale
-        negative_prompt = s.negative_prompt if negative_prompt is None else negative_prompt
+        negative_prompt = _first_given(negative_prompt, s.negative_prompt, model.default_negative_prompt)
+        reference_negative = _first_given(
+            reference_negative_prompt, s.reference_negative_prompt, model.default_reference_negative_prompt
+        )
+        preprocess = check_preprocess(_first_given(preprocess, s.preprocess, model.default_preprocess))
         self.check_size(height, width, num_frames)
         if steps < 1:
             raise InputError(f"steps {steps}: expected at least 1")
@@ -290,13 +326,16 @@ class OmniTransferPipeline:
         )
         first = first_latent = image_tokens = None
         if image is not None:
-            first = load_image(image, height, width)
-            first_latent, image_tokens = self.encode_first_frame(first, num_frames, height, width)
+            first = load_image(image, height, width, preprocess)
+            first_latent, image_tokens = self.encode_first_frame(image, num_frames, height, width, preprocess)
             image_tokens = image_tokens.to(dtype)
         condition = target_condition(first_latent, torch.empty(shape, device=device))
 
-        refs, videos = self._reference_inputs(references, num_frames, height, width)
-        prompts = [prompt, negative_prompt] if guidance > 1.0 else [prompt]
+        guided = guidance > 1.0
+        refs, videos = self._reference_inputs(
+            references, num_frames, height, width, preprocess, reference_negative if guided else None
+        )
+        prompts = [prompt, negative_prompt] if guided else [prompt]
         text = self._target_context([r.task for r in refs], videos, first, prompts).to(dtype)
 
         generator = torch.Generator("cpu").manual_seed(seed)

@@ -76,8 +76,10 @@ def denoise(
     """OmniTransfer sampling of one target: latents (1, z, f, h, w) from noise of that shape.
 
     condition: (1, 4 + z, f, h, w) [mask | first-frame latent]; text: (1, L, D) prompt, or (2, L, D)
-    [prompt; negative prompt] with guidance; image_tokens: (1, N, D') or None. With the cache, the
-    reference branch runs once for the whole generation; without it, at every call (as under FSDP,
+    [prompt; negative prompt] with guidance; image_tokens: (1, N, D') or None. A reference's context is
+    (1, L, D), its caption for both guidance branches, or (2, L, D), [caption; negative caption]. With the
+    cache, the reference branch runs once for the whole generation (for both branches at once when some
+    reference has two captions); without it, at every call (as under FSDP,
     where only ``forward`` gathers the weights). ``dtype``: of the model's inputs (default: the
     transformer's; FSDP's bf16 compute over fp32 master weights needs it said).
     """
@@ -88,7 +90,9 @@ def denoise(
     references = [r.to(dtype) for r in references]
     cache = None
     if references and use_reference_cache:
-        cache = transformer.encode_references(references, transformer.token_grid(noise))
+        branches = max(r.context.shape[0] for r in references)  # 2: some reference has a negative caption
+        cached = [r.tile(branches) for r in references]
+        cache = transformer.encode_references(cached, transformer.token_grid(noise))
     per_call = [r.tile(batch) for r in references]  # no cache: the same reference for each guidance branch
 
     def velocity(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -248,6 +248,12 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     # What a transfer method needs from sampling, declared by its class (``methods.METHODS``):
     caches_references = True  # the reference branch is independent of the target: encode it once
     reference_needs_first_frame = False  # VAP conditions each reference on its own first frame
+    # Generation defaults where neither the call nor the model folder names one (``pipeline``):
+    default_negative_prompt = ""
+    # the references' caption in the unconditional guidance branch; None: each reference's own caption in both
+    # branches, so that one reference K/V cache serves both (the reference is a condition, not guided)
+    default_reference_negative_prompt: str | None = None
+    default_preprocess = "crop"  # how inputs reach the target's size and frame count (``video.PREPROCESS``)
 
     def check_cacheable(self) -> None:
         """ValueError unless this method can cache its references (``caches_references``)."""

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from collections.abc import Container, Iterable, Iterator, Sequence
 
 import torch
@@ -55,13 +56,29 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from .conditioning import target_condition, target_input
+from .errors import InputError
 from .joint_attention import EXPERT_SUFFIX, JointBlock, Stream, joint_step
 from .rope import Grid
 from .transformer import OmniTransferBlock, OmniTransferTransformer, ReferenceInput
 
+# The official pipeline's default negative prompt, for the target and the reference alike (Video-As-Prompt's
+# WanImageToVideoMOTPipeline; its infer/wan_vap.py keeps the default): Wan2.1's, in English.
+NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
+    "poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, "
+    "messy background, three legs, many people in the background, walking backwards"
+)
 BLOCK_PARTS = ("norm1", "attn1", "norm2", "attn2", "norm3", "ffn", "scale_shift_table")  # copied per expert block
 MODEL_PARTS = ("patch_embedding", "condition_embedder")  # copied once
 REFERENCE_TIMESTEP = 1.0  # VAP's reference timestep, on the 0..1000 scale
+
+PUBLISHED_CLASS = "WanTransformer3DMOTModel"  # the released checkpoint's ``_class_name``
+# The released transformer takes image tokens then text tokens in one context and splits them at a hard-coded
+# 512 text tokens: it was trained, and only runs right, with prompts padded to 512 tokens.
+PUBLISHED_TEXT_LENGTH = 512
+UNUSED_PUBLISHED_KEYS = ("supported_effect_types", "num_ref_embeddings")  # accepted, unused by its Wan model
+NULL_PUBLISHED_KEYS = ("attention_head_dim_mot_ref", "reference_train_mode")  # other values: another model
 
 
 @dataclasses.dataclass
@@ -91,6 +108,26 @@ def temporal_offsets(reference_grids: Sequence[Grid]) -> list[Grid]:
         offsets.append((start, 0, 0))
         start += grid[0]
     return offsets
+
+
+def check_config(config: dict, where: str, text_max_length: int | None = None) -> None:
+    """InputError, in one line, for a VAP transformer ``config`` this code would run other than the released
+    model does: a key it would ignore, a non-null expert head width or reference head, or (for the released
+    class) prompts padded to another length than 512 tokens."""
+    read = set(inspect.signature(VAPTransformer.__init__).parameters) - {"self"}
+    for key in NULL_PUBLISHED_KEYS:
+        if config.get(key) is not None:
+            raise InputError(f"{where}: {key} is {config[key]!r}: only null (the released model's) is supported")
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in {*read, *UNUSED_PUBLISHED_KEYS,
+                                                                               *NULL_PUBLISHED_KEYS})  # fmt: skip
+    if unknown:
+        raise InputError(f"{where}: config keys {unknown} are not read by this code: it would run another model")
+    published = config.get("_class_name") == PUBLISHED_CLASS
+    if published and text_max_length is not None and text_max_length != PUBLISHED_TEXT_LENGTH:
+        raise InputError(
+            f"{where}: the released VAP transformer reads prompts of {PUBLISHED_TEXT_LENGTH} tokens, but "
+            f"text_max_length is {text_max_length}: set it to {PUBLISHED_TEXT_LENGTH} in omnitransfer.json"
+        )
 
 
 class VAPBlock(JointBlock):
@@ -131,6 +168,9 @@ class VAPTransformer(OmniTransferTransformer):
 
     caches_references = False  # references attend to the target
     reference_needs_first_frame = True  # each reference is conditioned on its own first frame
+    default_negative_prompt = NEGATIVE_PROMPT  # the official pipeline's defaults
+    default_reference_negative_prompt = NEGATIVE_PROMPT
+    default_preprocess = "stretch"
     _no_split_modules = ["OmniTransferBlock", "VAPBlock"]
     _keep_in_fp32_modules = OmniTransferTransformer._keep_in_fp32_modules + [
         name + EXPERT_SUFFIX for name in ("scale_shift_table", "norm1", "norm2", "norm3")

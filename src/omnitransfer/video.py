@@ -1,8 +1,14 @@
-"""Video and image I/O: decode (PyAV / PIL), resize + centre crop, temporal resampling, H.264 encode.
+"""Video and image I/O: decode (PyAV / PIL), resize, temporal resampling, H.264 encode.
 
-Arrays are uint8 RGB: a clip is (T, H, W, 3), an image or frame is (H, W, 3).
-Resizing always scales to the smallest size that covers the target (aspect ratio kept),
-then centre-crops to exactly (height, width); `height=width=None` keeps the native size.
+Arrays are uint8 RGB: a clip is (T, H, W, 3), an image or frame is (H, W, 3). Two preprocessing rules
+bring inputs to exactly (height, width) and a frame count (`PREPROCESS`); `height=width=None` keeps the
+native size:
+
+- "crop" (OmniTransfer's): scale to the smallest size that covers the target, aspect ratio kept (bicubic),
+  then centre-crop; frames are picked at the nearest evenly spaced index.
+- "stretch" (Video-As-Prompt's official rule): Lanczos-resize to exactly the target, aspect ratio not kept;
+  frames are picked at evenly spaced indices rounded down, computed as the official code does
+  (``torch.linspace(0, T - 1, n).long()``, float32).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 from .errors import InputError, InputWarning, check_positive
@@ -26,7 +33,7 @@ __all__ = [
     "read_image",
     "read_video",
     "resample_frames",
-    "resize_and_crop",
+    "resize_frames",
     "save_video",
     "video_info",
 ]
@@ -35,6 +42,17 @@ __all__ = [
 # average, and it is ~1.6x faster than Lanczos when decoding large clips down to small sizes.
 _SWS_INTERPOLATION = "BICUBIC"
 _PIL_RESAMPLE = Image.Resampling.BICUBIC
+_STRETCH_RESAMPLE = Image.Resampling.LANCZOS  # diffusers' VaeImageProcessor default, which VAP's pipeline uses
+
+PREPROCESS = ("crop", "stretch")
+_ROUNDING = {"crop": "nearest", "stretch": "floor"}  # how each rule picks frames
+
+
+def check_preprocess(preprocess: str) -> str:
+    """``preprocess`` if it names a rule of `PREPROCESS`, else InputError."""
+    if preprocess not in PREPROCESS:
+        raise InputError(f"preprocess {preprocess!r}: expected one of {', '.join(PREPROCESS)}")
+    return preprocess
 
 
 # ---------------------------------------------------------------------------- geometry
@@ -64,35 +82,43 @@ def _center_crop(img: np.ndarray, height: int | None, width: int | None) -> np.n
     return img[..., top : top + height, left : left + width, :]
 
 
-def _resize_pil(img: Image.Image, height: int | None, width: int | None) -> np.ndarray:
-    """PIL RGB image -> (height, width, 3) uint8, cover-resized then centre-cropped."""
+def _resize_pil(img: Image.Image, height: int | None, width: int | None, preprocess: str = "crop") -> np.ndarray:
+    """PIL RGB image -> (height, width, 3) uint8 by the ``preprocess`` rule (module docstring)."""
+    if preprocess == "stretch":
+        if height is not None and (width, height) != img.size:
+            img = img.resize((width, height), _STRETCH_RESAMPLE)
+        return np.array(img)
     ch, cw = _cover_size(img.height, img.width, height, width)
     if (cw, ch) != img.size:
         img = img.resize((cw, ch), _PIL_RESAMPLE)
     return np.ascontiguousarray(_center_crop(np.asarray(img), height, width))
 
 
-def evenly_spaced(total: int, num_frames: int) -> np.ndarray:
-    """`num_frames` evenly spaced indices into `total` frames, rounded to nearest (repeats when upsampling)."""
+def evenly_spaced(total: int, num_frames: int, rounding: str = "nearest") -> np.ndarray:
+    """`num_frames` evenly spaced indices into `total` frames (repeats when upsampling), rounded to the
+    nearest index or, with ``rounding="floor"``, down (in float32, as Video-As-Prompt's code computes it)."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
+    if rounding == "floor":
+        return torch.linspace(0, total - 1, num_frames).long().numpy()
     return np.round(np.linspace(0, total - 1, num_frames)).astype(np.int64)
 
 
-def resize_and_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize (T, H, W, 3) or (H, W, 3) uint8 frames to cover (height, width), then centre-crop to it."""
+def resize_frames(frames: np.ndarray, height: int, width: int, preprocess: str = "crop") -> np.ndarray:
+    """Resize (T, H, W, 3) or (H, W, 3) uint8 frames to (height, width) by the ``preprocess`` rule: cover
+    then centre-crop ("crop"), or stretch ("stretch")."""
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim not in (3, 4) or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 (T, H, W, 3) or (H, W, 3) frames, got {frames.dtype} {frames.shape}")
     _check_target(height, width)
     if frames.ndim == 3:
-        return _resize_pil(Image.fromarray(frames), height, width)
-    return np.stack([_resize_pil(Image.fromarray(f), height, width) for f in frames])
+        return _resize_pil(Image.fromarray(frames), height, width, preprocess)
+    return np.stack([_resize_pil(Image.fromarray(f), height, width, preprocess) for f in frames])
 
 
-def resample_frames(frames: np.ndarray, num_frames: int) -> np.ndarray:
-    """Evenly pick `num_frames` frames along axis 0 (rounded linspace); repeats frames when upsampling."""
-    return frames[evenly_spaced(len(frames), num_frames)]
+def resample_frames(frames: np.ndarray, num_frames: int, rounding: str = "nearest") -> np.ndarray:
+    """Evenly pick `num_frames` frames along axis 0 (`evenly_spaced`); repeats frames when upsampling."""
+    return frames[evenly_spaced(len(frames), num_frames, rounding)]
 
 
 # ---------------------------------------------------------------------------- reading
@@ -137,9 +163,13 @@ def _display_size(frame: av.VideoFrame) -> tuple[int, int]:
     return (frame.width, frame.height) if _quarter_turns(frame) % 2 else (frame.height, frame.width)
 
 
-def _frame_to_rgb(frame: av.VideoFrame, height: int | None, width: int | None) -> np.ndarray:
-    """Decoded frame -> upright (height, width, 3) uint8 RGB; scaled during colour conversion to save memory."""
+def _frame_to_rgb(frame: av.VideoFrame, height: int | None, width: int | None, preprocess: str = "crop") -> np.ndarray:
+    """Decoded frame -> upright (height, width, 3) uint8 RGB. "crop" scales during colour conversion (to save
+    memory); "stretch" converts at the native size, then resizes as VAP's pipeline does (PIL Lanczos)."""
     turns = _quarter_turns(frame)
+    if preprocess == "stretch":
+        upright = np.rot90(frame.to_ndarray(format="rgb24"), turns)
+        return _resize_pil(Image.fromarray(np.ascontiguousarray(upright)), height, width, preprocess)
     ch, cw = _cover_size(*_display_size(frame), height, width)
     if turns % 2:  # scale in stored orientation, rotate afterwards
         ch, cw = cw, ch
@@ -156,38 +186,41 @@ def read_video(
     num_frames: int | None = None,
     height: int | None = None,
     width: int | None = None,
+    preprocess: str = "crop",
 ) -> np.ndarray:
     """Decode a video to uint8 RGB (T, H, W, 3).
 
-    Frames are resized to cover (height, width) and centre-cropped as they are decoded, and `num_frames`
-    are picked evenly (see `resample_frames`); None keeps all frames / native size. When the container
+    Frames are resized to (height, width) by the ``preprocess`` rule as they are decoded, and `num_frames`
+    are picked evenly by that rule (see `evenly_spaced`); None keeps all frames / native size. When the container
     reports its frame count, only the picked frames are converted and held (long clips stay cheap); a
     wrong count falls back to keeping every frame, then picking (an InputWarning when fewer frames decode).
     Rotation metadata (quarter turns) is applied. Raises InputError for unusable files.
     """
     _check_target(height, width)
+    check_preprocess(preprocess)
+    rounding = _ROUNDING[preprocess]
     with _open_video(path) as (container, stream):
         reported = stream.frames  # 0 when the container does not say
         if num_frames is not None and reported > 0:  # convert and keep only the picked frames
-            picks = evenly_spaced(reported, num_frames)
+            picks = evenly_spaced(reported, num_frames, rounding)
             wanted = set(picks)
             kept, decoded = {}, 0
             for i, frame in enumerate(container.decode(stream)):
                 if i in wanted:
-                    kept[i] = _frame_to_rgb(frame, height, width)
+                    kept[i] = _frame_to_rgb(frame, height, width, preprocess)
                 decoded = i + 1
             if decoded == reported:
                 return np.stack([kept[i] for i in picks])
             # the reported count was wrong: decode again, keeping every frame
     with _open_video(path) as (container, stream):
-        frames = [_frame_to_rgb(f, height, width) for f in container.decode(stream)]  # T x (H, W, 3)
+        frames = [_frame_to_rgb(f, height, width, preprocess) for f in container.decode(stream)]  # T x (H, W, 3)
     if not frames:
         raise _no_frames(path)
     if len(frames) < reported:
         warnings.warn(f"{Path(path)}: {len(frames)} frames decode of the {reported} its container reports "
                       "(a truncated file?); using those", InputWarning, stacklevel=2)  # fmt: skip
     if num_frames is not None:
-        frames = [frames[i] for i in evenly_spaced(len(frames), num_frames)]
+        frames = [frames[i] for i in evenly_spaced(len(frames), num_frames, rounding)]
     return np.stack(frames)
 
 
@@ -207,13 +240,16 @@ def video_info(path: str | os.PathLike) -> tuple[int, int, int, float]:
     return num_frames, height, width, fps
 
 
-def read_image(path: str | os.PathLike, height: int | None = None, width: int | None = None) -> np.ndarray:
-    """Load an image as uint8 RGB (H, W, 3), EXIF orientation applied, resized to cover and centre-cropped."""
+def read_image(
+    path: str | os.PathLike, height: int | None = None, width: int | None = None, preprocess: str = "crop"
+) -> np.ndarray:
+    """Load an image as uint8 RGB (H, W, 3), EXIF orientation applied, resized by the ``preprocess`` rule."""
     _check_target(height, width)
+    check_preprocess(preprocess)
     path = _existing_file(path, "image")
     try:
         with Image.open(path) as img:
-            return _resize_pil(ImageOps.exif_transpose(img).convert("RGB"), height, width)
+            return _resize_pil(ImageOps.exif_transpose(img).convert("RGB"), height, width, preprocess)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise InputError(f"{path}: cannot read image ({_one_line(err)})") from err
 
@@ -281,22 +317,28 @@ VideoLike = str | Path | np.ndarray  # a path, or uint8 frames (T, H, W, 3)
 ImageLike = str | Path | np.ndarray  # a path, or a uint8 image (H, W, 3)
 
 
-def load_video(video: VideoLike, num_frames: int, height: int, width: int) -> np.ndarray:
-    """uint8 frames (num_frames, height, width, 3) of a video file or array: resized to cover, centre-cropped,
-    resampled in time; InputError on anything else."""
+def load_video(
+    video: VideoLike, num_frames: int | None, height: int | None, width: int | None, preprocess: str = "crop"
+) -> np.ndarray:
+    """uint8 frames (num_frames, height, width, 3) of a video file or array, resized and resampled in time by
+    the ``preprocess`` rule (None: all frames / the native size); InputError on anything else."""
     if isinstance(video, (str, Path)):
-        return read_video(video, num_frames=num_frames, height=height, width=width)
+        return read_video(video, num_frames=num_frames, height=height, width=width, preprocess=preprocess)
     frames = np.asarray(video)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
         raise InputError(f"reference video array of shape {frames.shape}: expected uint8 (T, H, W, 3), T > 0")
-    return resample_frames(resize_and_crop(frames, height, width), num_frames)
+    check_preprocess(preprocess)
+    if num_frames is not None:  # pick first: only the kept frames are resized
+        frames = resample_frames(frames, num_frames, _ROUNDING[preprocess])
+    return resize_frames(frames, height, width, preprocess)
 
 
-def load_image(image: ImageLike, height: int, width: int) -> np.ndarray:
-    """A uint8 image (height, width, 3) from an image file or array, resized to cover and centre-cropped."""
+def load_image(image: ImageLike, height: int | None, width: int | None, preprocess: str = "crop") -> np.ndarray:
+    """A uint8 image (height, width, 3) from an image file or array, resized by the ``preprocess`` rule
+    (None: the native size)."""
     if isinstance(image, (str, Path)):
-        return read_image(image, height=height, width=width)
+        return read_image(image, height=height, width=width, preprocess=preprocess)
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
         raise InputError(f"image array of shape {array.shape}: expected uint8 (H, W, 3)")
-    return resize_and_crop(array, height, width)
+    return resize_frames(array, height, width, check_preprocess(preprocess))
