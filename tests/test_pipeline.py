@@ -222,8 +222,9 @@ def test_bad_sampler_arguments_are_refused_before_sampling(pipe):
 @pytest.mark.parametrize("method", ["vap", "full-attention", "full-attention-tpb"])
 def test_every_method_runs_through_the_same_pipeline(model_dir, pipe, method):
     other = OmniTransferPipeline.from_pretrained(model_dir, method=method)
+    # the same preprocessing for every method (VAP's default is "stretch")
     kw = dict(references=[("motion", _clip(1))], image=_clip(3)[0], prompt="a cat", **SIZE, num_inference_steps=2,
-              progress=False, output_type="latent", preprocess="crop")  # fmt: skip (VAP's default is "stretch")
+              progress=False, output_type="latent", preprocess="crop")  # fmt: skip
     ours = pipe(**kw)
     theirs = other(**kw)  # the cache is asked for, and skipped: these references attend to the target
     assert theirs.shape == ours.shape
