@@ -136,3 +136,11 @@ def test_the_checks_find_what_they_look_for():
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a -> b -> c -> a"]
     assert find_cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
     assert "omnitransfer.pipeline" in import_graph()["omnitransfer.cli"]
+
+
+def test_the_command_line_starts_without_torch():
+    """Bad arguments are refused in about a second: the CLI module imports no torch, diffusers or transformers
+    until a command needs them (every bad-input test and every user's typo pays this start-up)."""
+    code = "import sys, omnitransfer.cli; print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from .errors import InputError, InputWarning, check_positive
@@ -100,6 +99,8 @@ def evenly_spaced(total: int, num_frames: int, rounding: str = "nearest") -> np.
     if num_frames < 1:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
     if rounding == "floor":
+        import torch  # here, not at the top: the CLI's argument checks import this module and start fast
+
         return torch.linspace(0, total - 1, num_frames).long().numpy()
     return np.round(np.linspace(0, total - 1, num_frames)).astype(np.int64)
 
