@@ -144,7 +144,7 @@ BAD = {
         ["--ref", "camera={root}/ok.mp4", "--image", "{root}/first.png", "--model", "{root}/no_image_encoder"],
         "no image_encoder",
     ),  # fmt: skip
-    "truncated weights": (["--ref", "camera={root}/ok.mp4", "--model", "{root}/truncated"], "cannot load the model"),
+    "truncated weights": (["--ref", "camera={root}/ok.mp4", "--model", "{root}/truncated"], "cannot read the weights"),
 }
 
 

@@ -399,3 +399,72 @@ def test_config_numbers_in_any_yaml_spelling(tmp_path):
     scalar.write_text("5\n")
     with pytest.raises(InputError, match="expected a mapping of settings"):
         load_config(scalar)
+
+
+def test_any_seed_trains_and_the_seeds_that_trained_keep_their_numbers(cache, tmp_path, capsys):
+    from omnitransfer.errors import MAX_SEED
+    from omnitransfer.training.objective import sample_seed
+
+    for seed, step, position in [(0, 0, 0), (7, 123, 3), (18_000_000, 5, 1)]:  # runs that trained before
+        assert sample_seed(seed, step, position) == (seed * 1_000_003 + step) * 1_000_003 + position
+    top = {sample_seed(MAX_SEED, step, p) for step in range(3) for p in range(4)}
+    assert len(top) == 12 and all(0 <= s < 2**64 for s in top)  # distinct streams, each a generator seed
+
+    run = tmp_path / "run"
+    sets = ["--set", f"data={cache}", "--set", f"seed={MAX_SEED}", "--set", "stages=[{name: dit, steps: 2}]"]
+    argv = ["train", "--config", TOY, "--output", run, *sets, "--set", "checkpoint_every=1", "--max-steps", "1"]
+    assert cli_main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    too_big = [str(a) for a in argv[:-2]] + ["--set", f"seed={MAX_SEED + 1}"]
+    assert cli_main(too_big) == 2 and f"seed: expected an integer from 0 to {MAX_SEED}" in capsys.readouterr().err
+
+    # a resume under another method stops before anything is written; what killed writers left goes on resume
+    stale = [run / f".model.tmp-{2**22 + 7}-0123abcd", run / "checkpoints" / f".step-00000002.tmp-{2**22 + 7}-0123abcd"]
+    for folder in stale:
+        folder.mkdir()
+    other = [str(a) for a in argv[:-2]] + ["--resume", "--set", "method=full-attention"]
+    assert cli_main(other) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "method='omnitransfer'" in err[0] and "method='full-attention'" in err[0]
+    assert cli_main([str(a) for a in argv[:-2]] + ["--resume"]) == 0
+    assert not any(path.exists() for path in stale) and (run / "checkpoints" / "step-00000002").is_dir()
+
+
+def test_a_held_run_folder_or_a_truncated_cache_is_refused_before_anything_is_written(cache, tmp_path, capsys):
+    from omnitransfer.files import FolderLock
+
+    run = tmp_path / "run"
+    argv = ["train", "--config", TOY, "--output", run, "--set", f"data={cache}", "--max-steps", "1"]
+    with FolderLock(run, "--output"):  # another writer (a second open file: flock refuses it as another process's)
+        assert cli_main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"another omnitransfer process (pid {os.getpid()}) is writing it" in err[0]
+    assert [p.name for p in run.iterdir()] == [".omnitransfer.lock"]
+
+    truncated = tmp_path / "cache"
+    shutil.copytree(cache, truncated)
+    shard = truncated / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    argv = ["train", "--config", TOY, "--output", tmp_path / "other", "--set", f"data={truncated}"]
+    assert cli_main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shard-00000.safetensors: cannot read the shard" in err[0]
+    assert not (tmp_path / "other").exists()
+    argv = ["train", "--config", TOY, "--output", cache, "--set", f"data={cache}"]  # into the data it reads
+    assert cli_main([str(a) for a in argv]) == 2 and "is the input" in capsys.readouterr().err
+
+
+def test_a_full_disk_stops_a_checkpoint_with_one_line_and_nothing_partial(cache, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (CI runs as root): {mounted.stderr.decode().strip()}")
+    try:
+        done = train(cache, disk / "run", "checkpoint_every=1", "stages=[{name: dit, steps: 2}]")
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1, done.stderr[-3000:]
+        assert "No space left on device" in lines[0] or "StorageFull" in lines[0], lines
+        left = sorted(p.name for p in (disk / "run").rglob("*"))
+        assert not [name for name in left if ".tmp-" in name or name.startswith("step-")], left
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -196,6 +196,7 @@ def test_empty_or_missing_manifest(data):
 def test_cache_layout_and_shapes(cache_dir):
     names = sorted(p.name for p in cache_dir.iterdir())
     assert names == [
+        ".omnitransfer.lock",  # the writer's lock, left in place (see files.FolderLock)
         "extra.safetensors",
         "index.json",
         "prepare.json",
@@ -298,13 +299,14 @@ def test_resume_encodes_only_missing_shard(cache_dir, data, tmp_path, monkeypatc
         mp.setattr(cache_module, "save_file", interrupted)
         with pytest.raises(KeyboardInterrupt):
             _prepare(data / "good.jsonl", resumed)
-    assert sorted(p.name for p in resumed.iterdir()) == ["extra.safetensors", "prepare.json", "shard-00000.safetensors"]
-    (resumed / ".shard-00001.safetensors.tmp-dead").write_bytes(b"partial")  # as left by a killed process
+    kept = ["extra.safetensors", "prepare.json", "shard-00000.safetensors"]
+    assert sorted(p.name for p in resumed.iterdir() if p.name != ".omnitransfer.lock") == kept
+    (resumed / ".shard-00001.safetensors.tmp-999999-deadbeef").write_bytes(b"partial")  # as left by a killed process
     calls = _count_encodes(monkeypatch)
     report = _prepare(data / "good.jsonl", resumed)
     assert len(calls) == 3  # record 3 only: videos c, t2 and t2's first frame
     assert (report.shards, report.shards_skipped, report.records) == (2, 1, 4)
-    assert not list(resumed.glob(".*"))
+    assert [p.name for p in resumed.glob(".*")] == [".omnitransfer.lock"]  # no temporary left
     assert json.loads((resumed / "index.json").read_text()) == json.loads((cache_dir / "index.json").read_text())
     a, b = LatentCache(cache_dir), LatentCache(resumed)
     for i in range(len(a)):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
 
 from .errors import InputError, InputWarning, check_sampler, seed
-from .files import check_writable
+from .files import check_distinct, check_writable
+from .limits import check_command
 from .synthetic.world import SPLITS
 from .tasks import Family, Task
 from .training.prepare import DTYPES as PREPARE_DTYPES
@@ -269,11 +272,14 @@ def _generate(args: argparse.Namespace) -> None:
     if args.output.suffix.lower() != ".mp4":
         raise InputError(f"--output {args.output}: expected a .mp4 path")
     check_writable(args.output, "--output")  # before the work, not when saving it
+    check_distinct(args.output, [path for _, path in refs] + [args.image], "--output")
     check_sampler(args.flow_shift, args.guidance, ("--flow-shift", "--guidance"))
     if args.frames is not None:
         check_num_frames(args.frames, what="--frames")
     if args.fps is not None and args.fps <= 0:
         raise InputError(f"--fps {args.fps}: expected a positive frame rate")
+    check_command(args.model, args.frames, args.height, args.width, args.steps, len(refs), args.guidance,
+                  dtype_bytes=2 if args.bf16 else 4, device=args.device)  # fmt: skip
 
     import torch  # the heavy imports, once the inputs are known to be usable
 
@@ -317,6 +323,7 @@ def _benchmark_transfer(args: argparse.Namespace) -> None:
         if args.output.suffix.lower() != ".json":
             raise InputError(f"--output {args.output}: expected a .json file path")
         check_writable(args.output, "--output")  # before hours of work
+    check_command(args.model, steps=args.steps, device=args.device)  # each sample: one reference, native size
     start = time.perf_counter()
     pipe = _load_pipeline(args.model, args.device, first_frames=any(t.family is Family.TEMPORAL for t in tasks))
     records = transfer_benchmark.run_benchmark(pipe, tasks, args.count, args.steps, args.seed, progress=not args.quiet)
@@ -342,6 +349,7 @@ def _demo(args: argparse.Namespace) -> None:
     for photo in args.photo:
         read_image(photo, 16, 16)  # unreadable photos fail before the model loads
     check_writable(args.output, "--output", folder=True)
+    check_command(args.model, steps=args.steps, device=args.device)  # each sample: one reference, native size
     start = time.perf_counter()
     pipe = _load_pipeline(args.model, args.device, first_frames=True)  # the temporal tasks' first frames
     folders = write_demo(pipe, args.output, args.index, steps=args.steps, seed=args.seed)
@@ -387,20 +395,65 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _li
         _library(message, category, filename, lineno, file, line)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and torchrun send), raised where the program is so that it unwinds as
+    from Ctrl-C: every write in progress removes its temporary, and nothing partial is left."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _allocation_failure(err: BaseException) -> bool:
+    """Whether ``err`` is the machine refusing memory: MemoryError, or torch's allocators (CPU, CUDA)."""
+    text = str(err).lower()
+    return isinstance(err, MemoryError) or (
+        isinstance(err, RuntimeError) and any(s in text for s in ("can't allocate memory", "out of memory"))
+    )
+
+
+def _failure(err: BaseException) -> int | None:
+    """One line and an exit status for what the machine refused during a run (1), or None: not ours to map."""
+    from safetensors import SafetensorError
+
+    if _allocation_failure(err):
+        reason = "out of memory: lower --frames, --height/--width or the references, or use a larger machine"
+    elif isinstance(err, (OSError, SafetensorError)):  # a full disk, a folder gone read-only mid-run
+        reason = " ".join(str(err).split())
+    else:
+        return None
+    print(f"omnitransfer: error: {reason}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args = build_parser().parse_args(argv)
         args.run(args)
     except InputError as err:
         print(f"omnitransfer: error: {err}", file=sys.stderr)
         return 2
+    except RecursionError:  # a document nested deeper than its reader checks
+        print("omnitransfer: error: an input is nested too deeply, expected a plain document", file=sys.stderr)
+        return 2
+    except Terminated:
+        print("omnitransfer: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("omnitransfer: interrupted", file=sys.stderr)
         return 130
-    except OSError as err:  # the machine's, not the input's: a full disk, a folder gone read-only mid-run
-        print(f"omnitransfer: error: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:
+        status = _failure(err)
+        if status is None:
+            raise
+        return status
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

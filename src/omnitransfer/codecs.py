@@ -10,6 +10,7 @@ from diffusers import AutoencoderKLWan
 
 from .latent_layout import CausalLatentLayout
 from .patch_codec import PatchCodec, is_patch_codec
+from .weights import check_component
 
 
 def to_unit_range(frames: np.ndarray) -> torch.Tensor:
@@ -68,5 +69,6 @@ def load_codec(folder: str | Path):
     embedded model's light ``PatchCodec``; both expose the ``WanVAECodec`` interface."""
     if is_patch_codec(folder):
         return PatchCodec.from_pretrained(folder)
+    check_component(AutoencoderKLWan, folder)
     vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
     return WanVAECodec(vae.eval())

@@ -31,14 +31,18 @@ def check_sampler(flow_shift: float | None, guidance_scale: float | None,
 MAX_SEED = 2**63 - 1
 
 
+def check_seed(value, what: str = "seed") -> int:
+    """``value`` if it is an integer in 0..MAX_SEED; InputError naming ``what`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise InputError(f"{what} {value!r}: expected an integer from 0 to {MAX_SEED}")
+    return value
+
+
 def seed(text: str) -> int:
     """argparse type of every ``--seed``: an integer in 0..MAX_SEED (argparse names the option on failure)."""
     import argparse
 
     try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_SEED}, got {text!r}")
-    return value
+        return check_seed(int(text))
+    except ValueError:  # not an integer, or out of range (InputError is a ValueError)
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_SEED}, got {text!r}") from None

@@ -9,15 +9,16 @@ encoder_hidden_states_image, references=[...]) -> .sample`` (velocity of the tar
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .baselines import FullAttentionTPBTransformer, FullAttentionTransformer
 from .errors import InputError
+from .files import read_document
 from .transformer import OmniTransferTransformer
 from .vap import VAPTransformer, check_config
+from .weights import check_component
 
 METHODS: dict[str, type[OmniTransferTransformer]] = {
     "omnitransfer": OmniTransferTransformer,
@@ -38,7 +39,8 @@ def get_method(name: str) -> type[OmniTransferTransformer]:
 def load_transformer(
     name: str, folder: Path, torch_dtype: torch.dtype = torch.float32, text_max_length: int | None = None
 ) -> OmniTransferTransformer:
-    """Method ``name``'s transformer from a diffusers-format transformer folder (safetensors only).
+    """Method ``name``'s transformer from a diffusers-format transformer folder (safetensors only, checked
+    against its config before they load: `weights.check_component`).
 
     VAP from a plain Wan folder (no ``block_idx_with_mot_ref`` in its config) starts its expert as a copy
     of the backbone: an untrained expert, to be trained or replaced by the published VAP weights. A VAP
@@ -47,12 +49,12 @@ def load_transformer(
     """
     model_class = get_method(name)
     path = Path(folder) / "config.json"
-    config = json.loads(path.read_text())
-    if not isinstance(config, dict):
-        raise InputError(f"{path}: expected a JSON object (a diffusers transformer config)")
+    config = read_document(path, "JSON", "a JSON object (a diffusers transformer config)")
     if model_class is VAPTransformer:
         check_config(config, str(path), text_max_length)
     if model_class is VAPTransformer and "block_idx_with_mot_ref" not in config:
+        check_component(OmniTransferTransformer, folder)
         backbone = OmniTransferTransformer.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
         return VAPTransformer.from_wan(backbone)
+    check_component(model_class, folder)
     return model_class.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)

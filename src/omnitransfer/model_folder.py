@@ -3,11 +3,11 @@ chain, and where each component folder is found. Generation, training and the fi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import InputError, check_positive, check_sampler
+from .files import read_document
 from .sampling import SCHEDULERS
 from .video import PREPROCESS
 
@@ -53,12 +53,7 @@ class Settings:
         path = folder / SETTINGS_FILE
         if not path.is_file():
             return {}
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise InputError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise InputError(f"{path}: expected a JSON object of settings")
+        data = read_document(path, "JSON", "a JSON object of settings")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

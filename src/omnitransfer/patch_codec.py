@@ -38,7 +38,9 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .files import read_document
 from .latent_layout import CausalLatentLayout
+from .weights import check_weights
 
 CLASS_NAME = "PatchCodec"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -167,11 +169,15 @@ class PatchCodec(CausalLatentLayout, nn.Module):
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        config = json.loads((folder / "config.json").read_text())
+        config = read_document(folder / "config.json", "JSON")
         if config.get("_class_name") != CLASS_NAME:
             raise InputError(f"{folder}: not a {CLASS_NAME} folder")
-        codec = cls(config["latent_channels"], config["temporal_factor"], config["spatial_factor"],
-                    config.get("relative", False))  # fmt: skip
+        try:
+            codec = cls(config["latent_channels"], config["temporal_factor"], config["spatial_factor"],
+                        config.get("relative", False))  # fmt: skip
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(f"{folder / 'config.json'}: not a {CLASS_NAME} config ({err!r})") from None
+        check_weights(codec, folder)
         codec.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
         return codec.eval()
 
@@ -179,4 +185,4 @@ class PatchCodec(CausalLatentLayout, nn.Module):
 def is_patch_codec(folder: str | Path) -> bool:
     """Whether a ``vae/`` folder holds a ``PatchCodec`` (else it is diffusers' ``AutoencoderKLWan``)."""
     config = Path(folder) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("_class_name") == CLASS_NAME
+    return config.is_file() and read_document(config, "JSON").get("_class_name") == CLASS_NAME

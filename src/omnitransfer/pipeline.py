@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -16,7 +15,9 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, UMT
 
 from .codecs import WanVAECodec, load_codec, to_uint8, to_unit_range
 from .conditioning import target_condition
-from .errors import InputError, check_sampler
+from .errors import InputError, check_sampler, check_seed
+from .files import read_document
+from .limits import ModelSizes, check_generation, check_settings, resolve
 from .methods import get_method, load_transformer
 from .model_folder import EMBEDDED_MODEL, Settings, find_alignment, find_component, resolved_settings
 from .patch_codec import PatchCodec
@@ -24,6 +25,7 @@ from .sampling import denoise, make_scheduler
 from .tasks import Task
 from .transformer import OmniTransferTransformer
 from .video import ImageLike, VideoLike, check_preprocess, load_image, load_video
+from .weights import check_component
 
 
 @dataclass
@@ -82,6 +84,7 @@ class OmniTransferPipeline:
         self.image_encoder = image_encoder.eval() if image_encoder is not None else None
         self.image_processor = image_processor
         self.settings = Settings() if settings is None else settings
+        self.folder: Path | None = None  # the model folder, which messages name its settings by
 
     # ---- loading ------------------------------------------------------------------------------------
     @classmethod
@@ -112,15 +115,18 @@ class OmniTransferPipeline:
             what = "a file, not a model folder" if folder.exists() else "no such model folder"
             raise InputError(f"{folder}: {what} (expected a diffusers-format Wan2.1 I2V folder)")
         settings = resolved_settings(folder)
+        check_settings(folder, settings)
         method = method or settings.method
         component = partial(find_component, folder)
         try:
             transformer_dir = component("transformer")
-            patch_size = json.loads((transformer_dir / "config.json").read_text())["patch_size"]
+            config = read_document(transformer_dir / "config.json", "JSON", "a JSON object (a transformer config)")
+            patch_size = config.get("patch_size", (1, 2, 2))  # diffusers' Wan default
             transformer = None
             if with_transformer:
                 transformer = load_transformer(method, transformer_dir, torch_dtype, settings.text_max_length)
             vae = load_codec(component("vae"))
+            check_component(UMT5EncoderModel, component("text_encoder"))
             text_encoder = UMT5EncoderModel.from_pretrained(
                 component("text_encoder"), dtype=torch_dtype, use_safetensors=True
             )
@@ -134,6 +140,7 @@ class OmniTransferPipeline:
             image_dir = component("image_encoder", required=False)
             image_encoder = image_processor = None
             if image_dir is not None:
+                check_component(CLIPVisionModel, image_dir)
                 image_encoder = CLIPVisionModel.from_pretrained(image_dir, dtype=torch.float32, use_safetensors=True)
                 image_processor = AutoImageProcessor.from_pretrained(component("image_processor"))
             pipe = cls(
@@ -144,6 +151,7 @@ class OmniTransferPipeline:
             if isinstance(err, InputError):
                 raise
             raise InputError(f"{folder}: cannot load the model ({str(err).strip().splitlines()[0]})") from None
+        pipe.folder = folder
         return pipe
 
     def to(self, device: str | torch.device) -> OmniTransferPipeline:
@@ -298,10 +306,14 @@ class OmniTransferPipeline:
         """
         if self.transformer is None:
             raise InputError("this pipeline was loaded without its transformer (with_transformer=False)")
+        check_seed(seed)
         s, model = self.settings, self.transformer
-        num_frames = s.num_frames if num_frames is None else num_frames
-        height, width = s.height if height is None else height, s.width if width is None else width
-        steps = s.num_inference_steps if num_inference_steps is None else num_inference_steps
+        # each value with the name of the input it came from (an argument, else a setting), for messages
+        named_frames = resolve(num_frames, "num_frames", s, self.folder, "num_frames")
+        named_height = resolve(height, "height", s, self.folder, "height")
+        named_width = resolve(width, "width", s, self.folder, "width")
+        named_steps = resolve(num_inference_steps, "num_inference_steps", s, self.folder, "num_inference_steps")
+        (num_frames, _), (height, _), (width, _), (steps, _) = named_frames, named_height, named_width, named_steps
         guidance = s.guidance_scale if guidance_scale is None else guidance_scale
         negative_prompt = _first_given(negative_prompt, s.negative_prompt, model.default_negative_prompt)
         reference_negative = _first_given(
@@ -313,6 +325,16 @@ class OmniTransferPipeline:
             raise InputError(f"steps {steps}: expected at least 1")
         shift = s.flow_shift if flow_shift is None else flow_shift
         check_sampler(shift, guidance)
+        refs = [_as_reference(r) for r in references]
+        check_generation(  # before anything is allocated
+            ModelSizes.of_pipeline(self), named_frames, named_height, named_width, named_steps,
+            resolve(None, "", s, self.folder, "text_max_length"),
+            [(_first_given(r.num_frames, num_frames), _first_given(r.height, height), _first_given(r.width, width))
+             for r in refs],
+            guided=guidance > 1.0,
+            reference_cache=use_reference_cache and model.caches_references,
+            device=self.device,
+        )  # fmt: skip
         device, dtype = self.device, self.transformer.dtype
 
         # Target conditioning: first frame (mask + condition latent + CLIP tokens), or nothing.

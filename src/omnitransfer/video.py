@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import InputError, InputWarning, check_positive
-from .files import atomic_path
+from .files import atomic_path, regular_file, remove_temporaries
 
 __all__ = [
     "check_num_frames",
@@ -130,19 +130,10 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(reason).split())
 
 
-def _existing_file(path: str | os.PathLike, kind: str) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, expected a {kind} file")
-    return path
-
-
 @contextlib.contextmanager
 def _open_video(path: str | os.PathLike) -> Iterator[tuple[av.container.InputContainer, av.VideoStream]]:
     """Open the first video stream; any PyAV / OS error inside the block becomes a one-line InputError."""
-    path = _existing_file(path, "video")
+    path = regular_file(path, "video")
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -247,7 +238,7 @@ def read_image(
     """Load an image as uint8 RGB (H, W, 3), EXIF orientation applied, resized by the ``preprocess`` rule."""
     _check_target(height, width)
     check_preprocess(preprocess)
-    path = _existing_file(path, "image")
+    path = regular_file(path, "image")
     try:
         with Image.open(path) as img:
             return _resize_pil(ImageOps.exif_transpose(img).convert("RGB"), height, width, preprocess)
@@ -309,7 +300,11 @@ def save_video(frames, path: str | os.PathLike, fps: float = 16) -> None:
         raise InputError(f"{path}: expected a positive fps, got {fps}")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected a video file path")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(f"{path}: a folder on its path is a file, expected folders") from None
+    remove_temporaries(path.parent, path.name)  # what killed writers of this video left
     with atomic_path(path, suffix=".mp4") as tmp:  # the suffix tells PyAV the container
         _encode_h264(frames, tmp, fps)
 

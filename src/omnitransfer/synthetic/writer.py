@@ -16,7 +16,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import InputError, check_positive
-from ..files import check_writable
+from ..files import atomic_path, check_writable, write_json
+from ..limits import check_memory, synthesis_bytes
 from ..tasks import Task
 from ..video import save_video
 from .sample import Sample
@@ -52,7 +53,8 @@ def write_sample(sample: Sample, output: Path, fps: float, seed: int) -> dict:
     save_video(sample.target, output / entry["target"], fps=fps)
     if sample.first_frame is not None:
         entry["image"] = str(folder / "first_frame.png")
-        Image.fromarray(sample.first_frame).save(output / entry["image"])
+        with atomic_path(output / entry["image"], suffix=".png") as tmp:
+            Image.fromarray(sample.first_frame).save(tmp)
     t, h, w, _ = sample.target.shape
     truth = {
         "task": sample.task.value,
@@ -70,7 +72,7 @@ def write_sample(sample: Sample, output: Path, fps: float, seed: int) -> dict:
         "truth": sample.truth,
     }
     entry["truth"] = str(folder / "truth.json")
-    (output / entry["truth"]).write_text(json.dumps(truth) + "\n")
+    write_json(output / entry["truth"], truth, indent=None)
     return entry | {"kind": sample.kind, "split": sample.split, "held_out": sample.held_out}
 
 
@@ -93,6 +95,8 @@ def synthesize(
         raise InputError(f"--count {count}: expected 1 to {SAMPLES_PER_SPLIT} (a split's samples)")
     if not check_positive(fps) or fps > 1000:
         raise InputError(f"--fps {fps}: expected a frame rate above 0 and at most 1000")
+    request = f"--frames {frames}, --height {height}, --width {width}"
+    check_memory(synthesis_bytes(frames, height, width), request, advice="ask for fewer frames or a smaller size")
     check_writable(output, "--output", folder=True)
     manifest = output / "manifest.jsonl"
     if manifest.exists() and not manifest.is_file():
@@ -100,12 +104,10 @@ def synthesize(
     clash = _listed(manifest) & {f"{t.value}/{i:05d}" for t in tasks for i in range(count)}
     if clash:
         raise InputError(f"{manifest} already lists {min(clash)} (an earlier run): choose another --output")
-    output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     jobs = [(each, index) for each in tasks for index in range(count)]
-    with manifest.open("a") as lines:
-        for each, index in tqdm(jobs, desc="synth", unit="sample", disable=not progress):
-            sample = make_sample(each, split, index, height, width, frames, seed)
-            lines.write(json.dumps(write_sample(sample, output, fps, seed)) + "\n")
-            lines.flush()
+    for each, index in tqdm(jobs, desc="synth", unit="sample", disable=not progress):
+        entry = write_sample(make_sample(each, split, index, height, width, frames, seed), output, fps, seed)
+        with manifest.open("a") as lines:  # a line per complete sample: a stopped run keeps what it wrote
+            lines.write(json.dumps(entry) + "\n")
     print(f"wrote {len(jobs)} samples to {output} in {time.perf_counter() - start:.1f} s")

@@ -7,6 +7,7 @@ A cache folder (written by ``omnitransfer prepare``)::
     shard-00001.safetensors      ...
     extra.safetensors            "null_prompt": features of "" (classifier-free-guidance dropout)
     index.json                   written last: header fields + one entry per record (shapes, shard, tasks)
+    .omnitransfer.lock           held by the writing process (`files.FolderLock`)
 
 Fields per record: ``target`` (z, f, h, w); ``condition`` (z, f, h, w), the latent of [first frame,
 zeros...], and ``image_tokens`` (N, image_dim), only for records with a first frame; ``prompt``
@@ -43,7 +44,6 @@ INDEX_FILE = "index.json"
 PREPARE_FILE = "prepare.json"
 EXTRA_FILE = "extra.safetensors"
 NULL_PROMPT = "null_prompt"
-TEMPORARY_GLOB = ".*.tmp-*"  # names of files being written (left behind only by a killed process)
 HEADER_FIELDS = ("height", "width", "num_frames", "text_max_length", "text_dim", "latent_channels", "model")
 
 
@@ -90,7 +90,7 @@ def check_fingerprint(folder: Path, fingerprint: dict) -> None:
     if path.is_file():
         try:
             saved = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             saved = {}
         differ = [k for k in fingerprint if not isinstance(saved, dict) or saved.get(k) != fingerprint[k]]
         if differ:
@@ -98,7 +98,7 @@ def check_fingerprint(folder: Path, fingerprint: dict) -> None:
                 f"{folder}: holds another preparation ({PREPARE_FILE} differs in {', '.join(differ)}): "
                 "choose another --output folder, or delete this one to start again"
             )
-    elif folder.is_dir() and any(folder.iterdir()):
+    elif folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir()):  # hidden: lock, temporaries
         raise InputError(f"{folder}: not empty and holds no {PREPARE_FILE}: expected a new or empty folder")
 
 
@@ -178,6 +178,8 @@ class LatentCache:
                 f"{self.folder}: shard {missing[0]} is missing ({len(missing)} in all): "
                 "rerun omnitransfer prepare with the same arguments to complete the cache"
             )
+        for name in dict.fromkeys(r["shard"] for r in self._records):  # a truncated shard stops here, not mid-run
+            self._open(name)
         self.null_prompt = self._pad(self._open(index[NULL_PROMPT]).get_tensor(NULL_PROMPT))
 
     def _read_index(self) -> tuple[dict, list[tuple[Task, ...]]]:
@@ -197,7 +199,7 @@ class LatentCache:
             if absent:
                 raise ValueError(f"no {', '.join(absent[:3])}")
             tasks = [tuple(Task.parse(t) for t in r["tasks"]) for r in index["records"]]
-        except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:
+        except (OSError, ValueError, TypeError, AttributeError, KeyError, RecursionError) as err:
             raise InputError(f"{path}: corrupt index ({' '.join(str(err).split())}), {expected}") from None
         return index, tasks
 

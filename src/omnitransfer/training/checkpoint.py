@@ -16,8 +16,6 @@ plain, DDP and FSDP models alike; every process must call ``save``/``load`` (the
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..alignment import split_query_table
 from ..errors import InputError
-from ..files import replace_folder
+from ..files import atomic_folder, read_document
 from ..model_folder import SETTINGS_FILE
 from ..transformer import OmniTransferTransformer
 from .parallelize import World, barrier, unwrap
@@ -100,28 +98,25 @@ def save_checkpoint(
         meta = {"step": step, "stage": stage, "world_size": world.size, **extra}
         for prefix, state in optimizer_states.items():
             files[f"{prefix}optimizer"], meta[f"{prefix}param_groups"] = _flatten_optimizer(state)
-        tmp = folder / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name, tensors in files.items():
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
-        (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
-        replace_folder(tmp, final)
+        with atomic_folder(final) as tmp:  # a full disk or a kill leaves no partial checkpoint
+            for name, tensors in files.items():
+                save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
+            (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
     barrier(world)
     return final
 
 
 def read_meta(checkpoint: Path) -> dict:
-    try:
-        return json.loads((checkpoint / "trainer.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"{checkpoint}: not a training checkpoint ({err})") from None
+    return read_document(checkpoint / "trainer.json", "JSON")
 
 
 def check_architecture(checkpoint: Path, meta: dict, architecture: dict) -> None:
     """A checkpoint from another architecture (or LoRA setting) stops with one line naming the difference."""
     saved = meta.get("architecture", {})
-    for key in sorted(set(saved) | set(architecture)):
+    keys = set(saved) | set(architecture)
+    if "method" not in saved:  # written before checkpoints named their method: nothing to compare
+        keys.discard("method")
+    for key in sorted(keys):
         if saved.get(key) != architecture.get(key):
             raise InputError(
                 f"{checkpoint}: trained with {key}={saved.get(key)!r}, but this run's model has "
@@ -218,14 +213,12 @@ def export_model(
     """Write a model folder that ``OmniTransferPipeline.from_pretrained`` and ``generate --model`` load:
     ``transformer/`` (safetensors) and ``omnitransfer.json`` pointing at the base model for the rest;
     ``write_more(folder)`` adds further components (e.g. ``alignment/``) before the folder is put in place."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     with torch.device("meta"):
         model = model_class.from_config(architecture)
     model.load_state_dict(state, strict=True, assign=True)
-    model.save_pretrained(tmp / "transformer", safe_serialization=True)
-    if write_more is not None:
-        write_more(tmp)
-    (tmp / SETTINGS_FILE).write_text(json.dumps({**settings, "base_model": base_model}, indent=2))
-    replace_folder(tmp, folder)
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp / "transformer", safe_serialization=True)
+        if write_more is not None:
+            write_more(tmp)
+        (tmp / SETTINGS_FILE).write_text(json.dumps({**settings, "base_model": base_model}, indent=2))
     return folder

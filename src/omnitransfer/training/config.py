@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..alignment import AlignmentConfig
-from ..errors import InputError, check_positive
+from ..errors import MAX_SEED, InputError, check_positive
+from ..files import parse_document, read_document
 from ..mllm_inputs import DEFAULT_TEMPLATES
 from .stages import STAGE_SETS, TRAINABLE_SETS
 
@@ -238,7 +237,7 @@ RANGES = (
     ("validate_every", lambda v: v >= 0, ">= 0 (0: no validation)"),
     ("validation_samples", lambda v: v >= 1, "at least 1"),
     ("validation_steps", lambda v: v >= 1, "at least 1"),
-    ("seed", lambda v: v >= 0, ">= 0"),
+    ("seed", lambda v: 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
     ("prompt_dropout", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.lr", check_positive, "a positive number"),
@@ -291,22 +290,14 @@ def _set_dotted(data: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise InputError(f"--set {assignment!r}: {part!r} is not a section")
-    try:
-        node[parts[-1]] = yaml.safe_load(raw)
-    except yaml.YAMLError as err:
-        raise InputError(f"--set {assignment!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
+    node[parts[-1]] = parse_document(raw, "YAML", f"--set {assignment!r}: the value")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """Read a YAML config; relative paths in ``data``/``model``/``init_transformer``/``alignment.mllm`` are
     relative to the CWD."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as err:
-        raise InputError(f"{path}: cannot read the config ({err.strerror})") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    data = read_document(path, "YAML", mapping=None) or {}
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     for assignment in overrides:

@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import InputError
+from ..files import regular_file
 from ..tasks import Family, Task
 from ..video import read_image, video_info
 
@@ -160,7 +161,7 @@ def _file_problems(files: set[tuple[Path, str]], progress: bool) -> dict[Path, s
 
 def load_manifest(path: str | Path, check_files: bool = True, progress: bool = True) -> list[Record]:
     """Read and validate a manifest; raise ManifestError listing every bad record (one line each)."""
-    path = Path(path)
+    path = regular_file(path, "JSONL manifest")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
@@ -176,6 +177,9 @@ def load_manifest(path: str | Path, check_files: bool = True, progress: bool = T
             data = json.loads(text)
         except json.JSONDecodeError as err:
             parsed.append((number, None, [], [f"not valid JSON ({err.msg} at column {err.colno}), expected an object"]))
+            continue
+        except RecursionError:
+            parsed.append((number, None, [], ["nested too deeply, expected a flat JSON object"]))
             continue
         if not isinstance(data, dict):
             parsed.append((number, None, [], [f"got a JSON {type(data).__name__}, expected an object"]))

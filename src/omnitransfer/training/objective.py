@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -71,8 +72,23 @@ class Batch:
         ]
 
 
+#: what ``torch.Generator.manual_seed`` takes: the counters below this have always been used as they are
+_GENERATOR_SEEDS = 2**64
+
+
+def sample_seed(seed: int, step: int, position: int) -> int:
+    """The generator seed of one sample: the counter ``(seed * 1000003 + step) * 1000003 + position``,
+    as every run has used it, while it fits a generator seed (below 2**64: seeds up to about 18 million).
+    Larger counters, which no run could use, are hashed by NumPy's SeedSequence into 64 bits instead, so
+    any seed in 0..2**63-1 trains and the seeds that trained before keep their exact numbers on resume."""
+    counter = (seed * 1_000_003 + step) * 1_000_003 + position
+    if counter < _GENERATOR_SEEDS:
+        return counter
+    return int(np.random.SeedSequence([seed, step, position]).generate_state(1, np.uint64)[0])
+
+
 def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_003 + position)
+    return torch.Generator().manual_seed(sample_seed(seed, step, position))
 
 
 def draw(timesteps: Timesteps, shape: tuple[int, ...], gen: torch.Generator, drop_rate: float):

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from ..errors import InputError
+from ..files import FolderLock, remove_temporaries
+from ..limits import check_encoding
 from ..video import check_num_frames, load_image, load_video
 from .manifest import Record, load_manifest
 
@@ -98,6 +100,7 @@ def prepare(
     if num_frames is not None:
         check_num_frames(num_frames, what="--frames")
     records = load_manifest(manifest, progress=progress)
+    check_encoding(model, num_frames, height, width, device)  # before the model loads and anything is written
 
     import torch  # the heavy imports, once the manifest is known to be usable
 
@@ -137,36 +140,35 @@ def prepare(
         "alignment": None if aligner is None else {**describe(aligner), "prefix": aligner.lora is None},
     }
     cache.check_fingerprint(output, fingerprint)
-    output.mkdir(parents=True, exist_ok=True)
-    for stale in output.glob(cache.TEMPORARY_GLOB):  # left by a killed run
-        stale.unlink()
-    if not (output / cache.PREPARE_FILE).is_file():
-        cache.write_json(output / cache.PREPARE_FILE, fingerprint)
+    with FolderLock(output, "--output"):  # one writer at a time; created here
+        remove_temporaries(output)  # what a killed run left
+        if not (output / cache.PREPARE_FILE).is_file():
+            cache.write_json(output / cache.PREPARE_FILE, fingerprint)
 
-    encoder = _Encoder(pipe, num_frames, height, width, reference_first_frames, aligner)
-    shards = [range(first, min(first + shard_size, len(records))) for first in range(0, len(records), shard_size)]
-    skipped = _write_shards(output, records, shards, encoder, getattr(torch, dtype), progress)
-    if not (output / cache.EXTRA_FILE).is_file():
-        cache.write_tensors(output / cache.EXTRA_FILE, {cache.NULL_PROMPT: _text(pipe, "")}, getattr(torch, dtype))
+        encoder = _Encoder(pipe, num_frames, height, width, reference_first_frames, aligner)
+        shards = [range(first, min(first + shard_size, len(records))) for first in range(0, len(records), shard_size)]
+        skipped = _write_shards(output, records, shards, encoder, getattr(torch, dtype), progress)
+        if not (output / cache.EXTRA_FILE).is_file():
+            cache.write_tensors(output / cache.EXTRA_FILE, {cache.NULL_PROMPT: _text(pipe, "")}, getattr(torch, dtype))
 
-    header = {
-        "manifest": str(manifest),
-        "model": fingerprint["model"],
-        "encoders": fingerprint["encoders"],
-        "height": height,
-        "width": width,
-        "num_frames": num_frames,
-        "text_max_length": s.text_max_length,
-        "text_dim": pipe.text_encoder.config.d_model,
-        "latent_channels": pipe.codec.latent_channels,
-        "dtype": dtype,
-        "reference_first_frames": reference_first_frames,
-        "alignment": fingerprint["alignment"],
-        cache.NULL_PROMPT: cache.EXTRA_FILE,
-    }
-    cache.write_index(output, header, [_entry(r, cache.shard_name(i // shard_size)) for i, r in enumerate(records)])
-    size = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
-    return PrepareReport(len(records), len(shards), skipped, size, time.perf_counter() - start)
+        header = {
+            "manifest": str(manifest),
+            "model": fingerprint["model"],
+            "encoders": fingerprint["encoders"],
+            "height": height,
+            "width": width,
+            "num_frames": num_frames,
+            "text_max_length": s.text_max_length,
+            "text_dim": pipe.text_encoder.config.d_model,
+            "latent_channels": pipe.codec.latent_channels,
+            "dtype": dtype,
+            "reference_first_frames": reference_first_frames,
+            "alignment": fingerprint["alignment"],
+            cache.NULL_PROMPT: cache.EXTRA_FILE,
+        }
+        cache.write_index(output, header, [_entry(r, cache.shard_name(i // shard_size)) for i, r in enumerate(records)])
+        size = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
+        return PrepareReport(len(records), len(shards), skipped, size, time.perf_counter() - start)
 
 
 def _write_shards(

@@ -17,6 +17,7 @@ import yaml
 from ..codecs import load_codec, to_uint8
 from ..conditioning import target_condition
 from ..errors import InputError
+from ..files import FolderLock, check_distinct, remove_temporaries
 from ..methods import get_method, load_transformer
 from ..model_folder import ALIGNMENT_FOLDER, export_base, find_component, resolved_settings
 from ..sampling import denoise, make_scheduler
@@ -75,6 +76,7 @@ def starting_transformer(config: TrainConfig) -> OmniTransferTransformer:
 def architecture(model: OmniTransferTransformer, config: TrainConfig, alignment=None) -> dict:
     arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items() if not k.startswith("_")}
     arch["lora_rank"] = config.lora.rank
+    arch["method"] = config.method  # methods may share a config: a resume under another one stops
     if alignment is not None:
         arch["alignment"] = aligning.architecture(alignment)
     return arch
@@ -203,9 +205,27 @@ class Trainer:
             self.ema = EMA(named, config.ema_decay)
             if self.alignment is not None:
                 self.alignment_ema = EMA(self.alignment.trainable_parameters("all").items(), config.ema_decay)
+        self.lock = self._hold_output()
         self.logger = Logger(self.output, self.world)
         self.history: list[tuple[int, float]] = []  # (step, loss) of every step of this run
         self._codec = None  # the VAE for validation videos, loaded at the first validation
+
+    def _hold_output(self) -> FolderLock | None:
+        """The main process's exclusive hold on the run folder (every process stops if another program
+        holds it), once the inputs are known to be usable; what killed runs left there is cleared."""
+        check_distinct(self.output, [self.config.data, self.config.model_folder], "--output")
+        lock, refusal = None, None
+        if self.world.is_main:
+            try:
+                lock = FolderLock(self.output, "--output")
+            except InputError as err:
+                refusal = err
+        if all_mean(float(refusal is not None), self.world) > 0:
+            raise refusal or InputError(f"--output {self.output}: held by another process")
+        if lock is not None:
+            remove_temporaries(self.output)
+            remove_temporaries(self.ckpt_dir)
+        return lock
 
     def _aligned(self, stage: Stage) -> bool:
         """Whether ``stage`` runs the alignment module (the cache's samples carry the MLLM's inputs only then)."""
@@ -321,6 +341,8 @@ class Trainer:
         model_dir = self.export()
         self.logger.close()
         barrier(world)  # every process leaves once the main one has written the model
+        if self.lock is not None:
+            self.lock.release()
         return model_dir
 
     def _checkpoint(self, step: int, stage: Stage, optimizers: tuple) -> None:
@@ -362,7 +384,7 @@ class Trainer:
             return None
         if self.config.lora.rank > 0:
             state = merge_lora(state, (self.config.lora.alpha or self.config.lora.rank) / self.config.lora.rank)
-        arch = {k: v for k, v in self.architecture.items() if k not in ("lora_rank", "alignment")}
+        arch = {k: v for k, v in self.architecture.items() if k not in ("lora_rank", "alignment", "method")}
         info = self.cache.info
         settings = {"height": info["height"], "width": info["width"], "num_frames": info["num_frames"],
                     "text_max_length": info["text_max_length"]}  # fmt: skip
