@@ -1,4 +1,5 @@
-"""The CLI as a user runs it: a real subprocess, the embedded model, real video files."""
+"""The CLI as a user runs it: its entry point (in a subprocess, and in this process where many calls share
+the model's load), the embedded model, real video files."""
 
 import os
 import shutil
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from omnitransfer.cli import main as cli_main
 from omnitransfer.video import save_video, video_info
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -17,6 +19,7 @@ CLIPS = ["camera_ref1.mp4", "effect_ref2.mp4", "id_ref3.mp4", "motion_ref3.mp4",
 
 
 def run(*args, cwd=None):
+    """The CLI in a real subprocess, as a user starts it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, "-m", "omnitransfer.cli", *map(str, args)],
@@ -28,8 +31,17 @@ def run(*args, cwd=None):
     )
 
 
-def test_generate_from_every_sample_clip(tmp_path):
-    """Each real clip drives one generation on the embedded model (one process, several outputs)."""
+def run_here(capsys, *args) -> subprocess.CompletedProcess:
+    """The CLI's entry point in this process (the heavy imports and the model's files are read once for all
+    calls), with what a subprocess would return."""
+    status = cli_main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, status, out, err)
+
+
+def test_generate_from_every_sample_clip(tmp_path, capsys):
+    """Each real clip drives one generation on the embedded model: the first in a subprocess, the others
+    through the same entry point in this one."""
     for clip in CLIPS:
         task = clip.split("_")[0]
         out = tmp_path / f"{task}.mp4"
@@ -53,15 +65,16 @@ def test_generate_from_every_sample_clip(tmp_path):
         ]
         if task in FIRST_FRAMES:
             args += ["--image", SAMPLES / FIRST_FRAMES[task]]
-        result = run(*args)
+        result = run(*args) if clip == CLIPS[0] else run_here(capsys, *args)
         assert result.returncode == 0, result.stderr
         frames, height, width, _ = video_info(out)
         assert (frames, height, width) == (9, 48, 80)
 
 
-def test_combination_and_defaults(tmp_path):
+def test_combination_and_defaults(tmp_path, capsys):
     out = tmp_path / "combo.mp4"
-    result = run(
+    result = run_here(
+        capsys,
         "generate",
         "--ref",
         f"id={SAMPLES / 'id_ref3.mp4'}",
@@ -149,7 +162,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_gives_one_line_and_no_output(bad_files, tmp_path, case):
+def test_bad_input_gives_one_line_and_no_output(bad_files, tmp_path, case, capsys):
     args, message = BAD[case]
     args = [a.format(root=bad_files) for a in args]
     out = tmp_path / "out.mp4"
@@ -161,7 +174,7 @@ def test_bad_input_gives_one_line_and_no_output(bad_files, tmp_path, case):
         i = args.index("--output-at")
         out, before = Path(args[i + 1]), sorted(bad_files.rglob("*"))
         del args[i : i + 2]
-    result = run("generate", *args, "--steps", "1", "--quiet", "--output", out)
+    result = run_here(capsys, "generate", *args, "--steps", "1", "--quiet", "--output", out)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
