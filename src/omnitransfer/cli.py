@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -10,7 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .errors import InputError, InputWarning, check_sampler, seed
+from .errors import InputError, InputWarning, PeerStopped, check_sampler, seed
 from .files import check_distinct, check_writable
 from .limits import check_command
 from .synthetic.world import SPLITS
@@ -361,7 +362,13 @@ def _prepare(args: argparse.Namespace) -> None:
     check_writable(args.output, "--output", folder=True)
     _check_device(args.device)
     _quiet_libraries()
-    _run_prepare(args)
+    try:
+        _run_prepare(args)
+    finally:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: leave the process group cleanly
+            from .training.parallelize import close_world
+
+            close_world()
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -434,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.run(args)
+    except PeerStopped:  # another process of the same command said why
+        return 2
     except InputError as err:
         print(f"omnitransfer: error: {err}", file=sys.stderr)
         return 2

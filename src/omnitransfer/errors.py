@@ -7,6 +7,11 @@ class InputError(ValueError):
     """A problem with user-supplied input; the message is one line naming the input and what was expected."""
 
 
+class PeerStopped(InputError):
+    """Raised on every process of a distributed command when another one stopped on an error it reported
+    itself; the command line exits with status 2 without repeating it."""
+
+
 class InputWarning(UserWarning):
     """Usable input that is not what it says it is (e.g. a video with fewer frames than its container reports);
     the command line prints it as one line."""

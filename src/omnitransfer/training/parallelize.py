@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.tensor import DTensor
 
+from ..errors import PeerStopped
 from .config import Parallel
 
 
@@ -145,6 +147,26 @@ def all_mean(value: float, world: World) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=world.device if world.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return t.item() / world.size
+
+
+@contextlib.contextmanager
+def together(world: World) -> Iterator[None]:
+    """A block every process runs and leaves together (a collective): if it raises on any process, it raises
+    on every one, so that no process goes on to write alone. The error is reported once: by the main process
+    if it failed (an error all found, e.g. in the manifest), else by each that failed; the others raise
+    `PeerStopped`, which the command line does not print."""
+    error = None
+    try:
+        yield
+    except Exception as err:  # re-raised below, once every process knows
+        error = err
+    failed = error is not None
+    if all_mean(float(failed), world) == 0:
+        return
+    main_failed = all_mean(float(failed and world.is_main), world) > 0
+    if failed and (world.is_main or not main_failed):
+        raise error
+    raise PeerStopped("another process stopped (it printed why)")
 
 
 def barrier(world: World) -> None:

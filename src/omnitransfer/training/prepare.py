@@ -16,7 +16,9 @@ the expensive part, computed here once instead of at every step (``cache.py`` ha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -91,7 +93,11 @@ def prepare(
     """Validate ``manifest`` in full, then encode it into the cache folder ``output`` (resuming it).
 
     ``alignment``: a training config whose alignment module the cache is for; by default the model
-    folder's own (``alignment/``), if any."""
+    folder's own (``alignment/``), if any. Under torchrun or ``accelerate launch`` every process validates
+    the manifest and the fingerprint (a problem on any one stops all before a shard is written), encodes
+    every N-th pending shard on its own device (``cuda`` becomes ``cuda:LOCAL_RANK``), and the first
+    writes the index once all are done. A distinct input shared by records of shards on two processes is
+    encoded once on each."""
     start = time.perf_counter()
     if shard_size < 1:
         raise InputError(f"--shard-size {shard_size}: expected at least 1")
@@ -99,8 +105,13 @@ def prepare(
         raise InputError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if num_frames is not None:
         check_num_frames(num_frames, what="--frames")
-    records = load_manifest(manifest, progress=progress)
-    check_encoding(model, num_frames, height, width, device)  # before the model loads and anything is written
+    world = _join_world()
+    main = world is None or world.is_main
+    if world is not None and device.startswith("cuda"):
+        device = str(world.device)  # this process's GPU
+    with _together(world):
+        records = load_manifest(manifest, progress=progress and main)
+        check_encoding(model, num_frames, height, width, device)  # before the model loads and anything is written
 
     import torch  # the heavy imports, once the manifest is known to be usable
 
@@ -109,90 +120,126 @@ def prepare(
     from .alignment import build_alignment, describe
     from .config import load_config
 
-    # encoders only; a config's module replaces the model folder's (one MLLM in memory)
-    pipe = OmniTransferPipeline.from_pretrained(model, device=device, with_transformer=False,
-                                                with_alignment=alignment is None)  # fmt: skip
-    aligner = pipe.alignment
-    if alignment is not None:
-        aligner = build_alignment(load_config(alignment), pipe.text_encoder.config.d_model)
-        if aligner is None:
-            raise InputError(f"{alignment}: defines no alignment module (no alignment: section, no alignment/)")
-    if aligner is not None:
-        aligner.to(device)
-    s = pipe.settings
-    num_frames, height, width = num_frames or s.num_frames, height or s.height, width or s.width
-    pipe.check_size(height, width, num_frames)
-    if pipe.image_encoder is None and any(r.has_image for r in records):
-        raise InputError(f"{model or 'the embedded model'}: no image encoder, but records have a first frame")
+    lock = None
+    with _together(world):
+        # encoders only; a config's module replaces the model folder's (one MLLM in memory)
+        pipe = OmniTransferPipeline.from_pretrained(model, device=device, with_transformer=False,
+                                                    with_alignment=alignment is None)  # fmt: skip
+        aligner = pipe.alignment
+        if alignment is not None:
+            aligner = build_alignment(load_config(alignment), pipe.text_encoder.config.d_model)
+            if aligner is None:
+                raise InputError(f"{alignment}: defines no alignment module (no alignment: section, no alignment/)")
+        if aligner is not None:
+            aligner.to(device)
+        s = pipe.settings
+        num_frames, height, width = num_frames or s.num_frames, height or s.height, width or s.width
+        pipe.check_size(height, width, num_frames)
+        if pipe.image_encoder is None and any(r.has_image for r in records):
+            raise InputError(f"{model or 'the embedded model'}: no image encoder, but records have a first frame")
 
-    manifest, output = Path(manifest).resolve(), Path(output)
-    fingerprint = {
-        "manifest": str(manifest),
-        "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
-        "model": str(Path(model).resolve()) if model is not None else "embedded",
-        "encoders": encoders_digest(model),
-        "height": height,
-        "width": width,
-        "num_frames": num_frames,
-        "shard_size": shard_size,
-        "dtype": dtype,
-        "reference_first_frames": reference_first_frames,
-        "alignment": None if aligner is None else {**describe(aligner), "prefix": aligner.lora is None},
-    }
-    cache.check_fingerprint(output, fingerprint)
-    with FolderLock(output, "--output"):  # one writer at a time; created here
-        remove_temporaries(output)  # what a killed run left
-        if not (output / cache.PREPARE_FILE).is_file():
-            cache.write_json(output / cache.PREPARE_FILE, fingerprint)
-
-        encoder = _Encoder(pipe, num_frames, height, width, reference_first_frames, aligner)
-        shards = [range(first, min(first + shard_size, len(records))) for first in range(0, len(records), shard_size)]
-        skipped = _write_shards(output, records, shards, encoder, getattr(torch, dtype), progress)
-        if not (output / cache.EXTRA_FILE).is_file():
-            cache.write_tensors(output / cache.EXTRA_FILE, {cache.NULL_PROMPT: _text(pipe, "")}, getattr(torch, dtype))
-
-        header = {
+        manifest, output = Path(manifest).resolve(), Path(output)
+        fingerprint = {
             "manifest": str(manifest),
-            "model": fingerprint["model"],
-            "encoders": fingerprint["encoders"],
+            "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+            "model": str(Path(model).resolve()) if model is not None else "embedded",
+            "encoders": encoders_digest(model),
             "height": height,
             "width": width,
             "num_frames": num_frames,
-            "text_max_length": s.text_max_length,
-            "text_dim": pipe.text_encoder.config.d_model,
-            "latent_channels": pipe.codec.latent_channels,
+            "shard_size": shard_size,
             "dtype": dtype,
             "reference_first_frames": reference_first_frames,
-            "alignment": fingerprint["alignment"],
-            cache.NULL_PROMPT: cache.EXTRA_FILE,
+            "alignment": None if aligner is None else {**describe(aligner), "prefix": aligner.lora is None},
         }
-        cache.write_index(output, header, [_entry(r, cache.shard_name(i // shard_size)) for i, r in enumerate(records)])
-        size = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
-        return PrepareReport(len(records), len(shards), skipped, size, time.perf_counter() - start)
+        cache.check_fingerprint(output, fingerprint)
+        if main:
+            lock = FolderLock(output, "--output")  # one run at a time; created here
+    try:
+        shards = [range(first, min(first + shard_size, len(records))) for first in range(0, len(records), shard_size)]
+        pending = [k for k in range(len(shards)) if not (output / cache.shard_name(k)).is_file()]  # before any write
+        if main:
+            remove_temporaries(output)  # what a killed run left
+            if not (output / cache.PREPARE_FILE).is_file():
+                cache.write_json(output / cache.PREPARE_FILE, fingerprint)
+            if pending:
+                (output / cache.INDEX_FILE).unlink(missing_ok=True)  # no index while the cache is incomplete
+        mine = pending[world.rank :: world.size] if world is not None else pending
+        encoder = _Encoder(pipe, num_frames, height, width, reference_first_frames, aligner)
+        with _together(world):
+            _write_shards(output, records, shards, mine, encoder, getattr(torch, dtype), progress and main)
+        if main:
+            if not (output / cache.EXTRA_FILE).is_file():
+                null = {cache.NULL_PROMPT: _text(pipe, "")}
+                cache.write_tensors(output / cache.EXTRA_FILE, null, getattr(torch, dtype))
+            header = {
+                "manifest": str(manifest),
+                "model": fingerprint["model"],
+                "encoders": fingerprint["encoders"],
+                "height": height,
+                "width": width,
+                "num_frames": num_frames,
+                "text_max_length": s.text_max_length,
+                "text_dim": pipe.text_encoder.config.d_model,
+                "latent_channels": pipe.codec.latent_channels,
+                "dtype": dtype,
+                "reference_first_frames": reference_first_frames,
+                "alignment": fingerprint["alignment"],
+                cache.NULL_PROMPT: cache.EXTRA_FILE,
+            }
+            entries = [_entry(r, cache.shard_name(i // shard_size)) for i, r in enumerate(records)]
+            cache.write_index(output, header, entries)
+        with _together(world):  # every process returns once the index is written
+            pass
+    finally:
+        if lock is not None:
+            lock.release()
+    size = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
+    return PrepareReport(len(records), len(shards), len(shards) - len(pending), size, time.perf_counter() - start)
+
+
+def _join_world():
+    """The process group torchrun / ``accelerate launch`` describe (``training.parallelize.World``), or None
+    when this process runs alone (torch is not even imported then: a bad manifest is refused at once)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from .parallelize import init_world
+
+    return init_world()
+
+
+def _together(world) -> contextlib.AbstractContextManager:
+    """`parallelize.together` over several processes; nothing alone."""
+    if world is None:
+        return contextlib.nullcontext()
+    from .parallelize import together
+
+    return together(world)
 
 
 def _write_shards(
-    output: Path, records: list[Record], shards: list[range], encoder: _Encoder, dtype: torch.dtype, progress: bool
-) -> int:
-    """Encode and write every shard not yet complete in ``output``; return how many were complete."""
+    output: Path, records: list[Record], shards: list[range], mine: list[int], encoder: _Encoder,
+    dtype: torch.dtype, progress: bool,
+) -> None:  # fmt: skip
+    """Encode and write the shards ``mine``; the progress bar counts the records of every complete shard in
+    ``output`` (every process's) and this process's shard in progress, so its rate is the whole run's."""
     from . import cache
 
-    pending = [k for k in range(len(shards)) if not (output / cache.shard_name(k)).is_file()]
-    if pending:
-        (output / cache.INDEX_FILE).unlink(missing_ok=True)  # no index while the cache is incomplete
-    todo = [records[i] for k in pending for i in shards[k]]
-    encoded = encoder.encode(todo)  # each record's fields, in order
-    done = len(records) - len(todo)
-    with tqdm(
-        total=len(records), initial=done, desc="encoding", unit="record", disable=None if progress else True
-    ) as bar:
-        for k in pending:
+    def done_on_disk() -> int:
+        return sum(len(shards[k]) for k in range(len(shards)) if (output / cache.shard_name(k)).is_file())
+
+    encoded = encoder.encode([records[i] for k in mine for i in shards[k]])  # each record's fields, in order
+    with tqdm(total=len(records), initial=done_on_disk(), desc="encoding", unit="record",
+              disable=None if progress else True) as bar:  # fmt: skip
+        for k in mine:
             tensors = {}
-            for i in shards[k]:
+            for j, i in enumerate(shards[k], start=1):
                 tensors.update({cache.key(i, field): t for field, t in next(encoded).items()})
-                bar.update()
+                bar.n = done_on_disk() + j
+                bar.refresh()
             cache.write_tensors(output / cache.shard_name(k), tensors, dtype)
-    return len(shards) - len(pending)
+        bar.n = done_on_disk()
+        bar.refresh()
 
 
 def _entry(record: Record, shard: str) -> dict:

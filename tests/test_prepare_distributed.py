@@ -1,0 +1,108 @@
+"""``prepare`` over several processes (torchrun, gloo on CPU): the same cache as one process, resumable at
+any world size after a kill, and stopped as a whole by a problem any process finds."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from omnitransfer.cli import main as cli_main
+from omnitransfer.video import save_video
+
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+RECORDS = 40
+
+
+def torchrun(procs: int, *args, wait: bool = True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+           "-m", "omnitransfer.cli", *map(str, args)]  # fmt: skip
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                                start_new_session=True)  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+
+
+def contents(cache: Path) -> dict:
+    """Everything a cache holds: its index and every tensor of every file, by name."""
+    found = {"index": json.loads((cache / "index.json").read_text())}
+    for path in sorted(cache.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            found[path.name] = {key: f.get_tensor(key) for key in f.keys()}
+    return found
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a["index"] == b["index"]
+    for name in a.keys() - {"index"}:
+        assert a[name].keys() == b[name].keys(), name
+        for key in a[name]:
+            assert a[name][key].equal(b[name][key]), (name, key)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    """A manifest of RECORDS pairs (one shard each; a reference video shared by two records, so that two
+    processes both encode it), and the cache one process makes of it."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(RECORDS):
+        save_video(rng.integers(0, 255, (5, 32, 32, 3), dtype=np.uint8), root / f"t{i}.mp4", fps=8)
+        reference = f"t{(i + 1) % 3}.mp4"
+        lines.append({"task": "style", "reference": reference, "target": f"t{i}.mp4", "prompt": f"clip {i % 2}"})
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = ["prepare", "--manifest", manifest, "--height", "32", "--width", "32", "--frames", "5", "--shard-size",
+            "1", "--quiet"]  # fmt: skip
+    assert cli_main([str(a) for a in [*args, "--output", root / "one"]]) == 0
+    return {"args": args, "one": contents(root / "one"), "root": root}
+
+
+def test_two_processes_make_the_cache_one_makes(data, tmp_path):
+    done = torchrun(2, *data["args"], "--output", tmp_path / "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same(contents(tmp_path / "two"), data["one"])
+
+
+def test_a_killed_run_resumes_on_one_or_three_processes_without_rewriting_a_shard(data, tmp_path):
+    killed = tmp_path / "killed"
+    proc = torchrun(2, *data["args"], "--output", killed, wait=False)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(killed.glob("shard-*")):
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, at once
+    proc.wait()
+    written = {p.name: p.stat().st_ino for p in killed.glob("shard-*")}
+    assert 1 <= len(written) < RECORDS and not (killed / "index.json").exists(), written
+
+    for procs in (1, 3):
+        resumed = tmp_path / f"resumed-{procs}"
+        shutil.copytree(killed, resumed)
+        kept = {p.name: p.stat().st_ino for p in resumed.glob("shard-*")}
+        if procs == 1:
+            assert cli_main([str(a) for a in [*data["args"], "--output", resumed]]) == 0
+        else:
+            done = torchrun(procs, *data["args"], "--output", resumed)
+            assert done.returncode == 0, done.stderr[-3000:]
+        assert {name: (resumed / name).stat().st_ino for name in kept} == kept  # no shard written twice
+        assert_same(contents(resumed), data["one"])
+        assert [p.name for p in resumed.glob(".*")] == [".omnitransfer.lock"]  # the killed run's temporaries went
+
+
+def test_a_manifest_problem_stops_every_process_with_one_line(data, tmp_path):
+    manifest = data["root"] / "broken.jsonl"  # beside the videos its paths are relative to
+    lines = (data["root"] / "manifest.jsonl").read_text().splitlines()
+    manifest.write_text("\n".join([*lines[:-1], lines[-1].replace(f"t{RECORDS - 1}.mp4", "gone.mp4")]) + "\n")
+    args = [a if a != data["root"] / "manifest.jsonl" else manifest for a in data["args"]]
+    done = torchrun(2, *args, "--output", tmp_path / "cache")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("omnitransfer:")]
+    assert done.returncode != 0 and len(errors) == 1 and "gone.mp4" in errors[0], done.stderr[-3000:]
+    assert not (tmp_path / "cache").exists()
