@@ -174,10 +174,12 @@ def _run_prepare(args: argparse.Namespace) -> None:
         alignment=args.alignment,
     )
     done = f" ({report.shards_skipped} already complete)" if report.shards_skipped else ""
-    print(
-        f"prepared {report.records} records in {report.shards} shards{done}, "
-        f"{report.bytes / 1e6:.1f} MB, in {report.seconds:.1f} s -> {args.output}"
-    )
+    rate = f", encoding {report.encoded / report.encode_seconds:.2f} records/s" if report.encoded else ""
+    if int(os.environ.get("RANK", "0")) == 0:  # once, under torchrun
+        print(
+            f"prepared {report.records} records in {report.shards} shards{done}, "
+            f"{report.bytes / 1e6:.1f} MB, in {report.seconds:.1f} s{rate} -> {args.output}"
+        )
 
 
 def _add_benchmark_command(sub) -> None:

@@ -21,6 +21,7 @@ import hashlib
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +44,9 @@ DTYPES = ("float32", "bfloat16")
 #: the component folders whose files make a cache's features: a cache is stale once one of them changes
 ENCODERS = ("vae", "text_encoder", "tokenizer", "image_encoder")
 SAMPLED = 1 << 20  # bytes hashed from each end of a file
+#: input kinds read from a video file's frames (`_Encoder._frames`), and how many videos decode ahead
+DECODED = ("video", "first frame of", "mllm video", "mllm first frame of")
+LOOKAHEAD = 2
 
 
 def encoders_digest(model: str | Path | None) -> str:
@@ -73,6 +77,8 @@ class PrepareReport:
     shards_skipped: int  # complete from an earlier run
     bytes: int  # the cache folder's size
     seconds: float
+    encoded: int = 0  # records encoded by this run, by every process
+    encode_seconds: float = 0.0  # from the first process's start of encoding to the last process's end
 
 
 def prepare(
@@ -166,8 +172,10 @@ def prepare(
                 (output / cache.INDEX_FILE).unlink(missing_ok=True)  # no index while the cache is incomplete
         mine = pending[world.rank :: world.size] if world is not None else pending
         encoder = _Encoder(pipe, num_frames, height, width, reference_first_frames, aligner)
-        with _together(world):
+        encoding = time.perf_counter()
+        with _together(world):  # leaves once every process is done
             _write_shards(output, records, shards, mine, encoder, getattr(torch, dtype), progress and main)
+        encoding = time.perf_counter() - encoding
         if main:
             if not (output / cache.EXTRA_FILE).is_file():
                 null = {cache.NULL_PROMPT: _text(pipe, "")}
@@ -195,7 +203,9 @@ def prepare(
         if lock is not None:
             lock.release()
     size = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
-    return PrepareReport(len(records), len(shards), len(shards) - len(pending), size, time.perf_counter() - start)
+    encoded = sum(len(shards[k]) for k in pending)
+    return PrepareReport(len(records), len(shards), len(shards) - len(pending), size, time.perf_counter() - start,
+                         encoded, encoding)  # fmt: skip
 
 
 def _join_world():
@@ -279,6 +289,11 @@ class _Encoder:
         self.pipe, self.size, self.reference_first = pipe, (num_frames, height, width), reference_first
         self.alignment = alignment
         self._decoded: tuple[Path | None, object] = (None, None)  # the last video's frames (T, H, W, 3)
+        # the next videos decode in a thread (PyAV and the resize release the GIL) while the encoders run
+        self._sequence: list[Path] = []  # the videos in the order of their first use
+        self._place: dict[Path, int] = {}  # each one's place in it
+        self._ahead: dict[Path, Future] = {}  # decoding or decoded, not yet used
+        self._pool: ThreadPoolExecutor | None = None
 
     def _inputs(self, record: Record) -> list[tuple[str, tuple]]:
         """(field, input key) for each field of a record; fields with equal keys share one encoding."""
@@ -303,6 +318,14 @@ class _Encoder:
     def encode(self, records: list[Record]) -> Iterator[dict[str, torch.Tensor]]:
         """Each record's fields: target, prompt, [condition, image_tokens,] reference.J, reference_prompt.J."""
         last_use = {key: r for r, record in enumerate(records) for _, key in self._inputs(record)}
+        decoded = (key[1] for record in records for _, key in self._inputs(record) if key[0] in DECODED)
+        self._sequence = list(dict.fromkeys(decoded))
+        self._place = {path: i for i, path in enumerate(self._sequence)}
+        with ThreadPoolExecutor(1) as self._pool:
+            yield from self._encode(records, last_use)
+        self._pool, self._ahead = None, {}
+
+    def _encode(self, records: list[Record], last_use: dict) -> Iterator[dict[str, torch.Tensor]]:
         values: dict[tuple, object] = {}
         for r, record in enumerate(records):
             fields = {}
@@ -348,5 +371,11 @@ class _Encoder:
     def _frames(self, path: Path):
         """uint8 (T, H, W, 3) at the target size; the last video is kept, as its first frame may follow."""
         if self._decoded[0] != path:
-            self._decoded = (path, load_video(path, *self.size))
+            future = self._ahead.pop(path, None)
+            place = self._place.get(path)
+            if self._pool is not None and place is not None:  # start the next ones before waiting for this one
+                for upcoming in self._sequence[place + 1 : place + 1 + LOOKAHEAD]:
+                    if upcoming not in self._ahead:
+                        self._ahead[upcoming] = self._pool.submit(load_video, upcoming, *self.size)
+            self._decoded = (path, future.result() if future is not None else load_video(path, *self.size))
         return self._decoded[1]
