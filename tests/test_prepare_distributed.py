@@ -106,3 +106,11 @@ def test_a_manifest_problem_stops_every_process_with_one_line(data, tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("omnitransfer:")]
     assert done.returncode != 0 and len(errors) == 1 and "gone.mp4" in errors[0], done.stderr[-3000:]
     assert not (tmp_path / "cache").exists()
+
+
+def test_decoding_ahead_in_a_thread_changes_nothing(data, tmp_path):
+    from omnitransfer.training.prepare import prepare
+
+    prepare(data["root"] / "manifest.jsonl", tmp_path / "ahead", height=32, width=32, num_frames=5, shard_size=1,
+            progress=False, decode_ahead=3)  # fmt: skip
+    assert_same(contents(tmp_path / "ahead"), data["one"])

@@ -44,9 +44,8 @@ DTYPES = ("float32", "bfloat16")
 #: the component folders whose files make a cache's features: a cache is stale once one of them changes
 ENCODERS = ("vae", "text_encoder", "tokenizer", "image_encoder")
 SAMPLED = 1 << 20  # bytes hashed from each end of a file
-#: input kinds read from a video file's frames (`_Encoder._frames`), and how many videos decode ahead
+#: input kinds read from a video file's frames (`_Encoder._frames`)
 DECODED = ("video", "first frame of", "mllm video", "mllm first frame of")
-LOOKAHEAD = 2
 
 
 def encoders_digest(model: str | Path | None) -> str:
@@ -95,15 +94,19 @@ def prepare(
     progress: bool = True,
     reference_first_frames: bool = False,
     alignment: str | Path | None = None,
+    decode_ahead: int | None = None,
 ) -> PrepareReport:
     """Validate ``manifest`` in full, then encode it into the cache folder ``output`` (resuming it).
 
     ``alignment``: a training config whose alignment module the cache is for; by default the model
-    folder's own (``alignment/``), if any. Under torchrun or ``accelerate launch`` every process validates
-    the manifest and the fingerprint (a problem on any one stops all before a shard is written), encodes
-    every N-th pending shard on its own device (``cuda`` becomes ``cuda:LOCAL_RANK``), and the first
-    writes the index once all are done. A distinct input shared by records of shards on two processes is
-    encoded once on each."""
+    folder's own (``alignment/``), if any. ``decode_ahead``: videos decoded in a thread while the encoders
+    run (None: 2 when they run on a GPU; 0 on a CPU, whose cores they keep busy already: measured no faster
+    at the embedded model's size on 2 cores, and slower with two processes).
+
+    Under torchrun or ``accelerate launch`` every process validates the manifest and the fingerprint (a
+    problem on any one stops all before a shard is written), encodes every N-th pending shard on its own
+    device (``cuda`` becomes ``cuda:LOCAL_RANK``), and the first writes the index once all are done. A
+    distinct input shared by records of shards on two processes is encoded once on each."""
     start = time.perf_counter()
     if shard_size < 1:
         raise InputError(f"--shard-size {shard_size}: expected at least 1")
@@ -171,7 +174,9 @@ def prepare(
             if pending:
                 (output / cache.INDEX_FILE).unlink(missing_ok=True)  # no index while the cache is incomplete
         mine = pending[world.rank :: world.size] if world is not None else pending
-        encoder = _Encoder(pipe, num_frames, height, width, reference_first_frames, aligner)
+        if decode_ahead is None:
+            decode_ahead = 0 if pipe.device.type == "cpu" else 2
+        encoder = _Encoder(pipe, num_frames, height, width, reference_first_frames, aligner, decode_ahead)
         encoding = time.perf_counter()
         with _together(world):  # leaves once every process is done
             _write_shards(output, records, shards, mine, encoder, getattr(torch, dtype), progress and main)
@@ -285,9 +290,10 @@ class _Encoder:
         width: int,
         reference_first: bool,
         alignment: TaskAlignment | None = None,
+        decode_ahead: int = 0,
     ):
         self.pipe, self.size, self.reference_first = pipe, (num_frames, height, width), reference_first
-        self.alignment = alignment
+        self.alignment, self.decode_ahead = alignment, decode_ahead
         self._decoded: tuple[Path | None, object] = (None, None)  # the last video's frames (T, H, W, 3)
         # the next videos decode in a thread (PyAV and the resize release the GIL) while the encoders run
         self._sequence: list[Path] = []  # the videos in the order of their first use
@@ -374,7 +380,7 @@ class _Encoder:
             future = self._ahead.pop(path, None)
             place = self._place.get(path)
             if self._pool is not None and place is not None:  # start the next ones before waiting for this one
-                for upcoming in self._sequence[place + 1 : place + 1 + LOOKAHEAD]:
+                for upcoming in self._sequence[place + 1 : place + 1 + self.decode_ahead]:
                     if upcoming not in self._ahead:
                         self._ahead[upcoming] = self._pool.submit(load_video, upcoming, *self.size)
             self._decoded = (path, future.result() if future is not None else load_video(path, *self.size))
