@@ -141,6 +141,8 @@ def add_prepare_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=64, help="records per shard file (default 64)")
     p.add_argument("--dtype", choices=PREPARE_DTYPES, default="float32", help="storage precision of the tensors")
     p.add_argument("--device", default="cpu", help="torch device of the encoders, e.g. cuda")
+    p.add_argument("--vae-dtype", choices=PREPARE_DTYPES, default="float32",
+                   help="the Wan VAE's precision (bfloat16: about half its time and memory on a GPU)")  # fmt: skip
     p.add_argument(
         "--reference-first-frames",
         action="store_true",
@@ -172,6 +174,7 @@ def _run_prepare(args: argparse.Namespace) -> None:
         progress=not args.quiet,
         reference_first_frames=args.reference_first_frames,
         alignment=args.alignment,
+        vae_dtype=args.vae_dtype,
     )
     done = f" ({report.shards_skipped} already complete)" if report.shards_skipped else ""
     rate = f", encoding {report.encoded / report.encode_seconds:.2f} records/s" if report.encoded else ""

@@ -45,6 +45,11 @@ class WanVAECodec(CausalLatentLayout):
         """The weights to move between devices."""
         return self.vae
 
+    def for_encoding(self, dtype: torch.dtype = torch.float32) -> None:
+        """Encode in ``dtype``: bfloat16 halves the VAE's time and memory on a GPU (Wan recommends float32;
+        measured on a tiny random VAE: 0.9% mean relative change of the latents)."""
+        self.vae.to(dtype)
+
     @property
     def device(self) -> torch.device:
         return self.vae.device

@@ -97,6 +97,12 @@ class PatchCodec(CausalLatentLayout, nn.Module):
         held = first.reshape(b, h, w, 3, 1, s, s).expand(b, h, w, 3, t, s, s)  # the channel-time-y-x order
         return held.reshape(b, 1, h, w, 3 * t * s * s)
 
+    def for_encoding(self, dtype: torch.dtype = torch.float32) -> None:
+        """The Wan VAE's precision option (`codecs.WanVAECodec.for_encoding`): this codec, a few matrix
+        products per pixel block, encodes in float32 only."""
+        if dtype != torch.float32:
+            raise InputError("the embedded model's PatchCodec encodes in float32 only (--vae-dtype is for the Wan VAE)")
+
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """(B, 3, F, H, W) in [-1, 1] -> normalised latents (B, z, 1 + (F-1)/t, H/s, W/s), float32."""

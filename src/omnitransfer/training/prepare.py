@@ -95,13 +95,16 @@ def prepare(
     reference_first_frames: bool = False,
     alignment: str | Path | None = None,
     decode_ahead: int | None = None,
+    vae_dtype: str = "float32",
 ) -> PrepareReport:
     """Validate ``manifest`` in full, then encode it into the cache folder ``output`` (resuming it).
 
     ``alignment``: a training config whose alignment module the cache is for; by default the model
-    folder's own (``alignment/``), if any. ``decode_ahead``: videos decoded in a thread while the encoders
-    run (None: 2 when they run on a GPU; 0 on a CPU, whose cores they keep busy already: measured no faster
-    at the embedded model's size on 2 cores, and slower with two processes).
+    folder's own (``alignment/``), if any. ``vae_dtype``: the Wan VAE's precision
+    (`codecs.WanVAECodec.for_encoding`; in the fingerprint when not float32). ``decode_ahead``:
+    videos decoded in a thread while the encoders run (None: 2 when they run on a GPU; 0 on a CPU, whose
+    cores they keep busy already: measured no faster at the embedded model's size on 2 cores, and slower
+    with two processes).
 
     Under torchrun or ``accelerate launch`` every process validates the manifest and the fingerprint (a
     problem on any one stops all before a shard is written), encodes every N-th pending shard on its own
@@ -110,8 +113,9 @@ def prepare(
     start = time.perf_counter()
     if shard_size < 1:
         raise InputError(f"--shard-size {shard_size}: expected at least 1")
-    if dtype not in DTYPES:
-        raise InputError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    for name, value in (("dtype", dtype), ("vae_dtype", vae_dtype)):
+        if value not in DTYPES:
+            raise InputError(f"{name} {value!r}: expected one of {', '.join(DTYPES)}")
     if num_frames is not None:
         check_num_frames(num_frames, what="--frames")
     world = _join_world()
@@ -134,6 +138,7 @@ def prepare(
         # encoders only; a config's module replaces the model folder's (one MLLM in memory)
         pipe = OmniTransferPipeline.from_pretrained(model, device=device, with_transformer=False,
                                                     with_alignment=alignment is None)  # fmt: skip
+        pipe.codec.for_encoding(getattr(torch, vae_dtype))
         aligner = pipe.alignment
         if alignment is not None:
             aligner = build_alignment(load_config(alignment), pipe.text_encoder.config.d_model)
@@ -161,6 +166,8 @@ def prepare(
             "reference_first_frames": reference_first_frames,
             "alignment": None if aligner is None else {**describe(aligner), "prefix": aligner.lora is None},
         }
+        if vae_dtype != "float32":  # caches made before the option do not name it
+            fingerprint["vae_dtype"] = vae_dtype
         cache.check_fingerprint(output, fingerprint)
         if main:
             lock = FolderLock(output, "--output")  # one run at a time; created here
