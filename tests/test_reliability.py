@@ -268,3 +268,17 @@ def test_a_held_folder_refuses_a_second_writer(tmp_path):
         holder.kill()
         holder.wait()
     FolderLock(folder, "--output").release()  # the kernel dropped the dead holder's lock
+
+
+def test_a_file_system_without_locks_warns_in_one_line_and_goes_on(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from omnitransfer.errors import InputWarning
+
+    def no_locks(fd, operation):  # what flock does on an NFS mount without a lock daemon
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(InputWarning, match="this file system cannot lock it"):
+        FolderLock(tmp_path / "run", "--output").release()

@@ -12,12 +12,13 @@ import secrets
 import shutil
 import stat
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, InputWarning
 
 # ---------------------------------------------------------------------------- reading
 
@@ -179,6 +180,10 @@ class FolderLock:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
+            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP):  # a file system without locks (some NFS set-ups)
+                warnings.warn(f"{option} {self.folder}: this file system cannot lock it: make sure no other "
+                              "process writes it", InputWarning, stacklevel=2)  # fmt: skip
+                return
             holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
             self.release()
             if err.errno not in (errno.EAGAIN, errno.EACCES):
