@@ -143,6 +143,9 @@ def add_prepare_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device of the encoders, e.g. cuda")
     p.add_argument("--vae-dtype", choices=PREPARE_DTYPES, default="float32",
                    help="the Wan VAE's precision (bfloat16: about half its time and memory on a GPU)")  # fmt: skip
+    p.add_argument("--vae-tile", type=int, metavar="PIXELS",
+                   help="encode in spatial tiles of this size, overlapping by a quarter and blended: the VAE's "
+                   "memory stays bounded at any resolution (e.g. 256)")  # fmt: skip
     p.add_argument(
         "--reference-first-frames",
         action="store_true",
@@ -175,6 +178,7 @@ def _run_prepare(args: argparse.Namespace) -> None:
         reference_first_frames=args.reference_first_frames,
         alignment=args.alignment,
         vae_dtype=args.vae_dtype,
+        vae_tile=args.vae_tile,
     )
     done = f" ({report.shards_skipped} already complete)" if report.shards_skipped else ""
     rate = f", encoding {report.encoded / report.encode_seconds:.2f} records/s" if report.encoded else ""

@@ -97,11 +97,14 @@ class PatchCodec(CausalLatentLayout, nn.Module):
         held = first.reshape(b, h, w, 3, 1, s, s).expand(b, h, w, 3, t, s, s)  # the channel-time-y-x order
         return held.reshape(b, 1, h, w, 3 * t * s * s)
 
-    def for_encoding(self, dtype: torch.dtype = torch.float32) -> None:
-        """The Wan VAE's precision option (`codecs.WanVAECodec.for_encoding`): this codec, a few matrix
-        products per pixel block, encodes in float32 only."""
-        if dtype != torch.float32:
-            raise InputError("the embedded model's PatchCodec encodes in float32 only (--vae-dtype is for the Wan VAE)")
+    def for_encoding(self, dtype: torch.dtype = torch.float32, tile: int | None = None) -> None:
+        """The Wan VAE's encoding options (`codecs.WanVAECodec.for_encoding`): this codec, a few matrix
+        products per pixel block, encodes in float32 and untiled only."""
+        if dtype != torch.float32 or tile is not None:
+            raise InputError(
+                "the embedded model's PatchCodec encodes in float32 without tiles (--vae-dtype and --vae-tile "
+                "are for the Wan VAE)"
+            )
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:

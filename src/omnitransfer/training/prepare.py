@@ -96,12 +96,13 @@ def prepare(
     alignment: str | Path | None = None,
     decode_ahead: int | None = None,
     vae_dtype: str = "float32",
+    vae_tile: int | None = None,
 ) -> PrepareReport:
     """Validate ``manifest`` in full, then encode it into the cache folder ``output`` (resuming it).
 
     ``alignment``: a training config whose alignment module the cache is for; by default the model
-    folder's own (``alignment/``), if any. ``vae_dtype``: the Wan VAE's precision
-    (`codecs.WanVAECodec.for_encoding`; in the fingerprint when not float32). ``decode_ahead``:
+    folder's own (``alignment/``), if any. ``vae_dtype``, ``vae_tile``: the Wan VAE's precision and
+    spatial tiles (`codecs.WanVAECodec.for_encoding`; in the fingerprint when not the defaults). ``decode_ahead``:
     videos decoded in a thread while the encoders run (None: 2 when they run on a GPU; 0 on a CPU, whose
     cores they keep busy already: measured no faster at the embedded model's size on 2 cores, and slower
     with two processes).
@@ -116,6 +117,8 @@ def prepare(
     for name, value in (("dtype", dtype), ("vae_dtype", vae_dtype)):
         if value not in DTYPES:
             raise InputError(f"{name} {value!r}: expected one of {', '.join(DTYPES)}")
+    if vae_tile is not None and (vae_tile < 64 or vae_tile % 16):
+        raise InputError(f"--vae-tile {vae_tile}: expected a multiple of 16, at least 64 (pixels)")
     if num_frames is not None:
         check_num_frames(num_frames, what="--frames")
     world = _join_world()
@@ -138,7 +141,7 @@ def prepare(
         # encoders only; a config's module replaces the model folder's (one MLLM in memory)
         pipe = OmniTransferPipeline.from_pretrained(model, device=device, with_transformer=False,
                                                     with_alignment=alignment is None)  # fmt: skip
-        pipe.codec.for_encoding(getattr(torch, vae_dtype))
+        pipe.codec.for_encoding(getattr(torch, vae_dtype), vae_tile)
         aligner = pipe.alignment
         if alignment is not None:
             aligner = build_alignment(load_config(alignment), pipe.text_encoder.config.d_model)
@@ -166,8 +169,8 @@ def prepare(
             "reference_first_frames": reference_first_frames,
             "alignment": None if aligner is None else {**describe(aligner), "prefix": aligner.lora is None},
         }
-        if vae_dtype != "float32":  # caches made before the option do not name it
-            fingerprint["vae_dtype"] = vae_dtype
+        if vae_dtype != "float32" or vae_tile is not None:  # caches made before these options name neither
+            fingerprint |= {"vae_dtype": vae_dtype, "vae_tile": vae_tile}
         cache.check_fingerprint(output, fingerprint)
         if main:
             lock = FolderLock(output, "--output")  # one run at a time; created here
