@@ -1,8 +1,16 @@
-"""Shared tiny configurations of the real architectures (random weights, CPU, milliseconds)."""
+"""Shared tiny configurations of the real architectures (random weights, CPU, milliseconds), and the CLI run
+in this process."""
+
+import contextlib
+import io
+import subprocess
 
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
+
+from omnitransfer.cli import main as cli_main
+from omnitransfer.tiny_wan import build_tiny_wan_i2v
 
 # Tiny configurations are dominated by per-operation overhead: one thread runs them several times faster
 # than two contending threads (measured 4x on the 2-core CI machine). Subprocess tests set OMP_NUM_THREADS=1.
@@ -34,6 +42,22 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             noise = torch.randn(p.shape, generator=gen)
             p.copy_(1.0 + 0.1 * noise if "norm" in name else 0.2 * noise)
     return model
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny Wan2.1 I2V model folder (diffusers format, seed 3), read-only for the tests that share it."""
+    return build_tiny_wan_i2v(tmp_path_factory.mktemp("tiny") / "wan", seed=3)
+
+
+def cli_here(*args) -> subprocess.CompletedProcess:
+    """The CLI's entry point in this process (no interpreter and imports to start: about 20 s a run on the
+    2-core machine), with what a subprocess would return."""
+    args = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli_main(args)
+    return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli_here
 
-from omnitransfer.cli import main as cli_main
 from omnitransfer.video import save_video, video_info
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -31,15 +31,7 @@ def run(*args, cwd=None):
     )
 
 
-def run_here(capsys, *args) -> subprocess.CompletedProcess:
-    """The CLI's entry point in this process (the heavy imports and the model's files are read once for all
-    calls), with what a subprocess would return."""
-    status = cli_main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, status, out, err)
-
-
-def test_generate_from_every_sample_clip(tmp_path, capsys):
+def test_generate_from_every_sample_clip(tmp_path):
     """Each real clip drives one generation on the embedded model: the first in a subprocess, the others
     through the same entry point in this one."""
     for clip in CLIPS:
@@ -65,16 +57,15 @@ def test_generate_from_every_sample_clip(tmp_path, capsys):
         ]
         if task in FIRST_FRAMES:
             args += ["--image", SAMPLES / FIRST_FRAMES[task]]
-        result = run(*args) if clip == CLIPS[0] else run_here(capsys, *args)
+        result = run(*args) if clip == CLIPS[0] else cli_here(*args)
         assert result.returncode == 0, result.stderr
         frames, height, width, _ = video_info(out)
         assert (frames, height, width) == (9, 48, 80)
 
 
-def test_combination_and_defaults(tmp_path, capsys):
+def test_combination_and_defaults(tmp_path):
     out = tmp_path / "combo.mp4"
-    result = run_here(
-        capsys,
+    result = cli_here(
         "generate",
         "--ref",
         f"id={SAMPLES / 'id_ref3.mp4'}",
@@ -162,7 +153,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_gives_one_line_and_no_output(bad_files, tmp_path, case, capsys):
+def test_bad_input_gives_one_line_and_no_output(bad_files, tmp_path, case):
     args, message = BAD[case]
     args = [a.format(root=bad_files) for a in args]
     out = tmp_path / "out.mp4"
@@ -174,7 +165,7 @@ def test_bad_input_gives_one_line_and_no_output(bad_files, tmp_path, case, capsy
         i = args.index("--output-at")
         out, before = Path(args[i + 1]), sorted(bad_files.rglob("*"))
         del args[i : i + 2]
-    result = run_here(capsys, "generate", *args, "--steps", "1", "--quiet", "--output", out)
+    result = cli_here("generate", *args, "--steps", "1", "--quiet", "--output", out)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

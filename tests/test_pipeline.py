@@ -14,11 +14,6 @@ SIZE = dict(num_frames=9, height=32, width=48)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_wan_i2v(tmp_path_factory.mktemp("tiny") / "wan", seed=3)
-
-
-@pytest.fixture(scope="module")
 def pipe(model_dir):
     return OmniTransferPipeline.from_pretrained(model_dir)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli_here
 
 from omnitransfer.cli import main as cli_main
 from omnitransfer.errors import MAX_SEED, InputError
@@ -23,11 +24,11 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 
-def one_line_error(capsys, argv: list, status: int = 2) -> str:
+def one_line_error(argv: list, status: int = 2) -> str:
     """Run the CLI in this process; assert it exits with ``status`` and one stderr line; return the line."""
-    assert cli_main([str(a) for a in argv]) == status
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
+    done = cli_here(*argv)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == status and len(lines) == 1, (done.returncode, lines)
     return lines[0]
 
 
@@ -38,7 +39,7 @@ def hidden(folder: Path) -> list[str]:
 # ---------------------------------------------------------------------------- inputs that are not files
 
 
-def test_a_fifo_is_refused_within_a_second_wherever_a_file_is_read(tmp_path, capsys):
+def test_a_fifo_is_refused_within_a_second_wherever_a_file_is_read(tmp_path):
     fifo = tmp_path / "clip.mp4"
     os.mkfifo(fifo)
     clip = SAMPLES / "camera_ref1.mp4"
@@ -52,37 +53,37 @@ def test_a_fifo_is_refused_within_a_second_wherever_a_file_is_read(tmp_path, cap
 
     for argv in cases:
         start = time.perf_counter()
-        line = one_line_error(capsys, argv)
+        line = one_line_error(argv)
         assert time.perf_counter() - start < 1.0, argv
         assert "not a regular file" in line and str(fifo) in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
 
 
-def test_deeply_nested_documents_give_one_line(tmp_path, capsys):
+def test_deeply_nested_documents_give_one_line(tmp_path):
     deep_json = "[" * 100_000 + "]" * 100_000
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text(deep_json + "\n")
-    line = one_line_error(capsys, ["prepare", "--manifest", manifest, "--output", tmp_path / "cache"])
+    line = one_line_error(["prepare", "--manifest", manifest, "--output", tmp_path / "cache"])
     assert "nested too deeply" in line
     config = tmp_path / "config.yaml"
     config.write_text("a: " + "[" * 50_000 + "]" * 50_000 + "\n")
-    assert "nested too deeply" in one_line_error(capsys, ["train", "--config", config, "--output", tmp_path / "r"])
+    assert "nested too deeply" in one_line_error(["train", "--config", config, "--output", tmp_path / "r"])
     model = tmp_path / "model"
     model.mkdir()
     (model / "omnitransfer.json").write_text(deep_json)
     clip = SAMPLES / "camera_ref1.mp4"
     argv = ["generate", "--ref", f"camera={clip}", "--model", model, "--output", tmp_path / "o.mp4"]
-    assert "nested too deeply" in one_line_error(capsys, argv)
+    assert "nested too deeply" in one_line_error(argv)
     config.write_text("data: cache\n")
     argv = ["train", "--config", config, "--output", tmp_path / "r", "--set", "seed=" + "[" * 50_000 + "]" * 50_000]
-    assert "--set" in one_line_error(capsys, argv)
+    assert "--set" in one_line_error(argv)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "r").exists() and not (tmp_path / "o.mp4").exists()
 
 
 # ---------------------------------------------------------------------------- outputs
 
 
-def test_output_equal_to_an_input_is_refused_and_the_input_unchanged(tmp_path, capsys):
+def test_output_equal_to_an_input_is_refused_and_the_input_unchanged(tmp_path):
     clip = tmp_path / "clip.mp4"
     shutil.copy(SAMPLES / "camera_ref1.mp4", clip)
     image = tmp_path / "first.mp4"  # an image input under a video's name is still an input
@@ -90,9 +91,9 @@ def test_output_equal_to_an_input_is_refused_and_the_input_unchanged(tmp_path, c
     os.link(clip, tmp_path / "same.mp4")  # the same file under another name
     before = clip.read_bytes()
     for output in (clip, tmp_path / "same.mp4", tmp_path / "sub" / ".." / "clip.mp4"):
-        line = one_line_error(capsys, ["generate", "--ref", f"camera={clip}", "--output", output])
+        line = one_line_error(["generate", "--ref", f"camera={clip}", "--output", output])
         assert "is the input" in line
-    line = one_line_error(capsys, ["generate", "--ref", f"camera={clip}", "--image", image, "--output", image])
+    line = one_line_error(["generate", "--ref", f"camera={clip}", "--image", image, "--output", image])
     assert "is the input" in line
     assert clip.read_bytes() == before and hidden(tmp_path) == []
 
@@ -187,7 +188,7 @@ def _model_folder(tmp_path: Path) -> Path:
     return model
 
 
-def test_a_config_that_does_not_describe_its_weights_stops_with_one_line(tmp_path, capsys):
+def test_a_config_that_does_not_describe_its_weights_stops_with_one_line(tmp_path):
     model = _model_folder(tmp_path)
     config_path = model / "transformer" / "config.json"
     config = json.loads(config_path.read_text())
@@ -201,20 +202,20 @@ def test_a_config_that_does_not_describe_its_weights_stops_with_one_line(tmp_pat
     }
     for changed, expected in cases.values():
         config_path.write_text(json.dumps(changed))
-        assert expected in one_line_error(capsys, argv)
+        assert expected in one_line_error(argv)
     config_path.write_text("[1, 2]")
-    assert "expected a JSON object" in one_line_error(capsys, argv)
+    assert "expected a JSON object" in one_line_error(argv)
     config_path.write_text(json.dumps(config))
 
     vae = model / "vae" / "config.json"
     vae_config = json.loads(vae.read_text())
     vae.write_text(json.dumps({**vae_config, "latent_channels": vae_config["latent_channels"] + 1}))
-    assert "vae" in one_line_error(capsys, argv)
+    assert "vae" in one_line_error(argv)
     vae.write_text(json.dumps(vae_config))
 
     weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
     weights.rename(weights.with_suffix(".bin"))
-    line = one_line_error(capsys, argv)
+    line = one_line_error(argv)
     assert "only safetensors are read" in line and "diffusion_pytorch_model.bin" in line
     assert not out.exists()
 
@@ -234,7 +235,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
-def test_a_full_disk_stops_prepare_with_one_line_and_nothing_partial(small_disk, tmp_path, capsys):
+def test_a_full_disk_stops_prepare_with_one_line_and_nothing_partial(small_disk, tmp_path):
     manifest = tmp_path / "manifest.jsonl"
     rng = np.random.default_rng(0)
     lines = []
@@ -246,7 +247,7 @@ def test_a_full_disk_stops_prepare_with_one_line_and_nothing_partial(small_disk,
     (small_disk / "filler").write_bytes(b"\0" * 900_000)  # what is left holds the index, not a shard
     argv = ["prepare", "--manifest", manifest, "--output", cache, "--height", "64", "--width", "64",
             "--frames", "9", "--shard-size", "4", "--quiet"]  # fmt: skip
-    line = one_line_error(capsys, argv, status=1)
+    line = one_line_error(argv, status=1)
     assert "No space left on device" in line or "StorageFull" in line, line
     assert hidden(small_disk) == [] and not list(cache.glob("shard-*"))
     (small_disk / "filler").unlink()  # room again: the same command completes the cache

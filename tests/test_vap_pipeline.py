@@ -10,16 +10,10 @@ import torch
 from PIL import Image
 
 from omnitransfer import InputError, OmniTransferPipeline, Reference
-from omnitransfer.tiny_wan import build_tiny_wan_i2v
 from omnitransfer.vap import NEGATIVE_PROMPT, PUBLISHED_CLASS
 from omnitransfer.video import evenly_spaced, load_video
 
 SIZE = dict(num_frames=9, height=32, width=48)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_wan_i2v(tmp_path_factory.mktemp("tiny") / "wan", seed=3)
 
 
 @pytest.fixture(scope="module")

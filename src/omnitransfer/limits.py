@@ -30,13 +30,13 @@ measured run (``tests/test_limits.py`` checks it against these numbers).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError, check_positive
+from .files import read_document
 
 MEMORY_VARIABLE = "OMNITRANSFER_MEMORY_GB"
 GB = 1e9
@@ -101,11 +101,10 @@ class ModelSizes:
 
         def config(name: str) -> dict:
             found = find_component(folder, name, required=False)
-            try:
-                data = json.loads((found / "config.json").read_text()) if found is not None else {}
-            except (OSError, ValueError):
+            try:  # a regular file of plain JSON, or nothing known (a FIFO would block, deep nesting overflow)
+                return read_document(found / "config.json", "JSON") if found is not None else {}
+            except InputError:
                 return {}
-            return data if isinstance(data, dict) else {}
 
         transformer, vae, text = config("transformer"), config("vae"), config("text_encoder")
         try:

@@ -53,8 +53,8 @@ def load_transformer(
     if model_class is VAPTransformer:
         check_config(config, str(path), text_max_length)
     if model_class is VAPTransformer and "block_idx_with_mot_ref" not in config:
-        check_component(OmniTransferTransformer, folder)
+        check_component(OmniTransferTransformer, folder, config)
         backbone = OmniTransferTransformer.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
         return VAPTransformer.from_wan(backbone)
-    check_component(model_class, folder)
+    check_component(model_class, folder, config)
     return model_class.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)

@@ -68,10 +68,12 @@ def check_weights(model: torch.nn.Module, folder: str | Path) -> None:
         )
 
 
-def check_component(model_class: type[torch.nn.Module], folder: str | Path) -> None:
+def check_component(model_class: type[torch.nn.Module], folder: str | Path, config: dict | None = None) -> None:
     """`check_weights` for a diffusers or transformers ``model_class`` over a component folder (its
-    ``config.json`` and safetensors files), the model built on the meta device from the config."""
-    config = read_document(Path(folder) / "config.json", "JSON", "a JSON object (a model config)")
+    ``config.json``, unless the caller read it already as ``config``, and its safetensors files), the model
+    built on the meta device from the config."""
+    if config is None:
+        config = read_document(Path(folder) / "config.json", "JSON", "a JSON object (a model config)")
     config_class = getattr(model_class, "config_class", None)  # transformers models name theirs
     with torch.device("meta"):
         model = model_class(config_class.from_dict(config)) if config_class else model_class.from_config(config)

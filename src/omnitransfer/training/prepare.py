@@ -191,29 +191,28 @@ def prepare(
         with _together(world):  # leaves once every process is done
             _write_shards(output, records, shards, mine, encoder, getattr(torch, dtype), progress and main)
         encoding = time.perf_counter() - encoding
-        if main:
-            if not (output / cache.EXTRA_FILE).is_file():
-                null = {cache.NULL_PROMPT: _text(pipe, "")}
-                cache.write_tensors(output / cache.EXTRA_FILE, null, getattr(torch, dtype))
-            header = {
-                "manifest": str(manifest),
-                "model": fingerprint["model"],
-                "encoders": fingerprint["encoders"],
-                "height": height,
-                "width": width,
-                "num_frames": num_frames,
-                "text_max_length": s.text_max_length,
-                "text_dim": pipe.text_encoder.config.d_model,
-                "latent_channels": pipe.codec.latent_channels,
-                "dtype": dtype,
-                "reference_first_frames": reference_first_frames,
-                "alignment": fingerprint["alignment"],
-                cache.NULL_PROMPT: cache.EXTRA_FILE,
-            }
-            entries = [_entry(r, cache.shard_name(i // shard_size)) for i, r in enumerate(records)]
-            cache.write_index(output, header, entries)
-        with _together(world):  # every process returns once the index is written
-            pass
+        with _together(world):  # every process returns once the main one has written the index
+            if main:
+                if not (output / cache.EXTRA_FILE).is_file():
+                    null = {cache.NULL_PROMPT: _text(pipe, "")}
+                    cache.write_tensors(output / cache.EXTRA_FILE, null, getattr(torch, dtype))
+                header = {
+                    "manifest": str(manifest),
+                    "model": fingerprint["model"],
+                    "encoders": fingerprint["encoders"],
+                    "height": height,
+                    "width": width,
+                    "num_frames": num_frames,
+                    "text_max_length": s.text_max_length,
+                    "text_dim": pipe.text_encoder.config.d_model,
+                    "latent_channels": pipe.codec.latent_channels,
+                    "dtype": dtype,
+                    "reference_first_frames": reference_first_frames,
+                    "alignment": fingerprint["alignment"],
+                    cache.NULL_PROMPT: cache.EXTRA_FILE,
+                }
+                entries = [_entry(r, cache.shard_name(i // shard_size)) for i, r in enumerate(records)]
+                cache.write_index(output, header, entries)
     finally:
         if lock is not None:
             lock.release()
@@ -250,17 +249,18 @@ def _write_shards(
     ``output`` (every process's) and this process's shard in progress, so its rate is the whole run's."""
     from . import cache
 
-    def done_on_disk() -> int:
-        return sum(len(shards[k]) for k in range(len(shards)) if (output / cache.shard_name(k)).is_file())
+    def done_on_disk() -> int:  # one listing of the folder (read once per shard: shared file systems are slow)
+        present = set(os.listdir(output))
+        return sum(len(shards[k]) for k in range(len(shards)) if cache.shard_name(k) in present)
 
     encoded = encoder.encode([records[i] for k in mine for i in shards[k]])  # each record's fields, in order
     with tqdm(total=len(records), initial=done_on_disk(), desc="encoding", unit="record",
               disable=None if progress else True) as bar:  # fmt: skip
         for k in mine:
-            tensors = {}
+            done, tensors = done_on_disk(), {}
             for j, i in enumerate(shards[k], start=1):
                 tensors.update({cache.key(i, field): t for field, t in next(encoded).items()})
-                bar.n = done_on_disk() + j
+                bar.n = done + j
                 bar.refresh()
             cache.write_tensors(output / cache.shard_name(k), tensors, dtype)
         bar.n = done_on_disk()
