@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_benchmark_command(sub)
     _add_demo_command(sub)
     add_prepare_command(sub)
+    _add_serve_command(sub)
 
     train = sub.add_parser(
         "train", help="train OmniTransfer on a prepared latent cache (torchrun for several processes)"
@@ -225,6 +226,40 @@ def _add_demo_command(sub) -> None:
         help="a real photograph to move along the camera test sample's path (repeatable)",
     )  # fmt: skip
     demo.set_defaults(run=_demo)
+
+
+def _add_serve_command(sub) -> None:
+    from .web import SESSION_HOURS
+    from .web_jobs import MAX_UPLOAD_MB
+
+    serve = sub.add_parser("serve", help="serve the transfer web page (gradio); the model loads once")
+    serve.add_argument("--model", type=Path, help="a model folder; the embedded model otherwise")
+    serve.add_argument("--method", help="the method of the model folder's transformer (default: its own)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    serve.add_argument("--auth", metavar="USER:PASSWORD", help="ask for this user name and password")
+    serve.add_argument("--root-path", help="the page's URL path behind a reverse proxy, e.g. /omnitransfer")
+    serve.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    serve.add_argument("--bf16", action="store_true", help="run the transformer and text encoder in bfloat16")
+    serve.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=MAX_UPLOAD_MB,
+        help=f"largest upload accepted, in MB (default {MAX_UPLOAD_MB})",
+    )
+    serve.add_argument(
+        "--session-hours",
+        type=float,
+        default=SESSION_HOURS,
+        help=f"a session's files go this long after its last use (default {SESSION_HOURS})",
+    )
+    serve.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from .web import serve
+
+    serve(args, _load_pipeline)
 
 
 def _quiet_libraries() -> None:

@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .files import atomic_path
 from .synthetic import Sample
 from .tasks import Task
 from .transfer_benchmark import held_still, native_sample, transfer
-from .video import evenly_spaced, save_video
+from .video import evenly_spaced, save_png, save_video
 
 PANELS = ("reference", "first frame", "generated", "target")
 SEPARATOR = 2  # pixels between panels (even, so H.264's even-size rule holds)
@@ -63,13 +62,6 @@ def comparison_strip(videos: Sequence[np.ndarray], columns: int = 5, scale: int 
     return grid([list(v) for v in enlarged])
 
 
-def _save_png(image: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
-
-
 def write_demo(
     pipe,
     output: Path,
@@ -93,7 +85,7 @@ def write_demo(
         folder.mkdir(parents=True, exist_ok=True)
         save_video(generated, folder / "generated.mp4", fps=fps)
         save_video(comparison_video(videos), folder / "comparison.mp4", fps=fps)
-        _save_png(comparison_strip(videos), folder / "comparison.png")
+        save_png(comparison_strip(videos), folder / "comparison.png")
         log(f"{folder}: {sample.kind}, {sample.prompt!r}")
         folders.append(folder)
     return folders
@@ -129,7 +121,7 @@ def photo_camera_transfer(
         videos = [sample.reference, still, generated]
         folder.mkdir(parents=True, exist_ok=True)
         save_video(comparison_video(videos), folder / f"{name}.mp4", fps=pipe.settings.fps)
-        _save_png(comparison_strip(videos), folder / f"{name}.png")
+        save_png(comparison_strip(videos), folder / f"{name}.png")
         result = {
             "photo": str(photo),
             "kind": sample.kind,

@@ -21,7 +21,7 @@ from .limits import ModelSizes, check_generation, check_settings, resolve
 from .methods import get_method, load_transformer
 from .model_folder import EMBEDDED_MODEL, Settings, find_alignment, find_component, resolved_settings
 from .patch_codec import PatchCodec
-from .sampling import denoise, make_scheduler
+from .sampling import StepFn, denoise, make_scheduler
 from .tasks import Task
 from .transformer import OmniTransferTransformer
 from .video import ImageLike, VideoLike, check_preprocess, load_image, load_video
@@ -218,6 +218,12 @@ class OmniTransferPipeline:
         return self.codec.encode(video), self.encode_image(clip_view)
 
     # ---- inputs -------------------------------------------------------------------------------------
+    def preprocess_rule(self, preprocess: str | None = None) -> str:
+        """How a generation fits its inputs to the target (``video.PREPROCESS``): ``preprocess``, else the
+        model folder's, else the method's own."""
+        rule = _first_given(preprocess, self.settings.preprocess, self.transformer.default_preprocess)
+        return check_preprocess(rule)
+
     def check_size(self, height: int, width: int, num_frames: int) -> None:
         """InputError unless the codec and the patch size can take a (height, width, num_frames) video."""
         step = self.codec.spatial_factor * max(self.patch_size[1:])
@@ -295,6 +301,7 @@ class OmniTransferPipeline:
         progress: bool = True,
         output_type: str = "np",
         preprocess: str | None = None,
+        on_step: StepFn | None = None,
     ):
         """Generate a video. Returns uint8 frames (T, H, W, 3), or normalised latents if output_type="latent".
 
@@ -303,6 +310,8 @@ class OmniTransferPipeline:
         references' caption in the unconditional branch (VAP: its official negative prompt; otherwise each
         reference keeps its own caption in both branches); ``preprocess``, how inputs reach the target's size
         and frame count (``video.PREPROCESS``; VAP: "stretch", its official rule; otherwise "crop").
+        ``on_step(done, total)`` is called after each denoising step; an exception it raises stops the
+        generation there (how the web page shows real progress and cancels).
         """
         if self.transformer is None:
             raise InputError("this pipeline was loaded without its transformer (with_transformer=False)")
@@ -319,7 +328,7 @@ class OmniTransferPipeline:
         reference_negative = _first_given(
             reference_negative_prompt, s.reference_negative_prompt, model.default_reference_negative_prompt
         )
-        preprocess = check_preprocess(_first_given(preprocess, s.preprocess, model.default_preprocess))
+        preprocess = self.preprocess_rule(preprocess)
         self.check_size(height, width, num_frames)
         if steps < 1:
             raise InputError(f"steps {steps}: expected at least 1")
@@ -366,6 +375,7 @@ class OmniTransferPipeline:
         latents = denoise(
             self.transformer, noise, condition, text, image_tokens, refs, solver, steps, guidance,
             use_reference_cache=use_reference_cache and self.transformer.caches_references, progress=progress,
+            on_step=on_step,
         )  # fmt: skip
         if output_type == "latent":
             return latents

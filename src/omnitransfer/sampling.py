@@ -16,6 +16,8 @@ SCHEDULERS = ("unipc", "euler")
 
 # velocity = model(latents (n*B, z, f, h, w), timestep (scalar tensor)) -> (n*B, z, f, h, w); n = 2 with guidance
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# on_step(steps done, steps in all), after each solver step; an exception raised in it stops the sampling
+StepFn = Callable[[int, int], None]
 
 
 def make_scheduler(name: str = "unipc", flow_shift: float = 3.0, num_train_timesteps: int = 1000):
@@ -45,17 +47,21 @@ def sample(
     num_inference_steps: int,
     guidance_scale: float,
     progress: bool = True,
+    on_step: StepFn | None = None,
 ) -> torch.Tensor:
     """Integrate from noise to clean latents. ``velocity_fn`` gets a doubled batch when guidance is on."""
     use_cfg = guidance_scale > 1.0
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     latents = noise.float()
-    for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
         model_in = torch.cat([latents, latents]) if use_cfg else latents
         velocity = velocity_fn(model_in, t).float()
         if use_cfg:
             velocity = guided(velocity, guidance_scale)
         latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i + 1, len(timesteps))
     return latents
 
 
@@ -72,6 +78,7 @@ def denoise(
     use_reference_cache: bool = True,
     progress: bool = True,
     dtype: torch.dtype | None = None,
+    on_step: StepFn | None = None,
 ) -> torch.Tensor:
     """OmniTransfer sampling of one target: latents (1, z, f, h, w) from noise of that shape.
 
@@ -106,4 +113,4 @@ def denoise(
             reference_cache=cache,
         ).sample
 
-    return sample(velocity, noise, scheduler, num_inference_steps, guidance_scale, progress)
+    return sample(velocity, noise, scheduler, num_inference_steps, guidance_scale, progress, on_step)

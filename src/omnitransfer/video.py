@@ -309,6 +309,12 @@ def save_video(frames, path: str | os.PathLike, fps: float = 16) -> None:
         _encode_h264(frames, tmp, fps)
 
 
+def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
+    """Atomically write a uint8 (H, W, 3) image as a PNG."""
+    with atomic_path(Path(path)) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+
 VideoLike = str | Path | np.ndarray  # a path, or uint8 frames (T, H, W, 3)
 ImageLike = str | Path | np.ndarray  # a path, or a uint8 image (H, W, 3)
 
