@@ -17,7 +17,7 @@ TORCH_WHEELS ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),/opt/wheels,
 export UV_PYTHON_DOWNLOADS := never
 TORCH_PIN   := $(shell sed -n 's/^\(torch==[^ ]*\).*/\1/p' $(LOCK))
 
-.PHONY: demo test lock test-latest clean
+.PHONY: demo test browser lock test-latest clean
 
 $(UV):
 	$(PYTHON) -m venv $(UV_HOME)
@@ -37,6 +37,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Debian's Chromium and its driver, for the web page's test in a real browser (tests/test_web_browser.py,
+# which says it was skipped without them). Installs as root; does nothing where both are present.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then echo "chromium: present"; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
 
 lock: | $(UV)
 	$(PYTHON) scripts/lock.py --uv $(UV) --find-links $(TORCH_WHEELS)

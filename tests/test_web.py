@@ -183,13 +183,13 @@ def test_jobs_run_one_at_a_time_on_the_device(server, session):
     assert all(r[-1].startswith("done") for r in results) and len(jobs_in(session)) == 2
 
 
-def test_sessions_hold_their_uploads_and_go_whole(server):
+def test_sessions_hold_copies_of_their_uploads_and_go_whole(server):
     page, root = server
     a, b = Path(page.new_session()), Path(page.new_session())
     first = upload(page, a, SAMPLES / "camera_ref1.jpg")
     second = upload(page, a, SAMPLES / "camera_ref1.jpg")
     assert Path(first) == a / "inputs" / "camera_ref1.jpg" and Path(second) == a / "inputs" / "camera_ref1_2.jpg"
-    assert not (root / "upload-cache" / "camera_ref1.jpg").exists()  # moved, not copied
+    assert Path(first).read_bytes() == (SAMPLES / "camera_ref1.jpg").read_bytes()
     assert page.keep_upload(first, str(a)) == first  # already the session's
     page.sessions.remove(a)
     page.sessions.remove(root)  # not a session folder: left alone

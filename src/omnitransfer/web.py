@@ -5,7 +5,8 @@ target's first frame and prompts, the method and the advanced settings; it shows
 steps as progress, the output, a side-by-side comparison (video and frames), a download and the command
 line that makes the same video. Jobs queue one at a time per device (gradio shows a waiting user their
 place); cancel stops a job at its next step. Every upload and output lives in the session's folder, which
-goes when the page is closed or the session expires.
+goes when the page is closed or the session expires; gradio's own copies of uploads go after
+``UPLOAD_CACHE_SECONDS``, and everything when the server stops.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from .web_jobs import MAX_REFERENCES, MAX_UPLOAD_MB, Cancelled, Jobs, Sessions, 
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 SESSION_HOURS = 2.0  # a session's folder goes this long after its last use (``--session-hours``)
+#: gradio's own copy of an upload goes this long after it came (the session keeps its own copy)
+UPLOAD_CACHE_SECONDS = 600
 #: the repository's real sample clips (``samples/``), offered as examples where the checkout has them
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 SAMPLE_PROMPTS = {  # the samples' captions are the clips' own; these prompts describe a target for each task
@@ -94,7 +97,7 @@ class Page:
         return str(self.sessions.new())
 
     def keep_upload(self, upload: str | None, session: str) -> str | None:
-        """An upload moved into the session's folder (what the page shows from then on)."""
+        """The session's copy of an upload (what the page shows and generates from, from then on)."""
         return None if upload is None else str(self.sessions.adopt(Path(session), upload))
 
     def cancel(self, session: str) -> str:
@@ -141,7 +144,8 @@ def build_app(page: Page, examples: Sequence[list] = (), session_hours: float = 
     import gradio as gr
 
     s = page.pipe.settings
-    with gr.Blocks(title="omnitransfer") as app:
+    cache = (UPLOAD_CACHE_SECONDS, UPLOAD_CACHE_SECONDS)  # (every, age): the examples' copies stay
+    with gr.Blocks(title="omnitransfer", delete_cache=cache) as app:
         # a function, not a bound method: gradio deep-copies a State's value, and calls it per page load
         session = gr.State(lambda: page.new_session(), time_to_live=session_hours * 3600,
                            delete_callback=page.sessions.remove)  # fmt: skip

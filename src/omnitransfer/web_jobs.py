@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import shlex
 import shutil
 import threading
@@ -325,8 +326,9 @@ class Sessions:
             shutil.rmtree(folder, ignore_errors=True)
 
     def adopt(self, session: Path, upload: Path | str) -> Path:
-        """Move an upload into ``session``'s inputs under its own name (``name_2.mp4`` when that is taken);
-        the upload's empty folder goes."""
+        """The session's own copy of an upload (a hard link where the file system allows), under the upload's
+        name (``name_2.mp4`` when that is taken). The upload itself stays for the page that shows it until
+        gradio's cache lets it go (``web.UPLOAD_CACHE_SECONDS``): removing it now would break that page."""
         upload = Path(upload)
         if upload.is_relative_to(session):
             return upload
@@ -336,10 +338,8 @@ class Sessions:
         while target.exists():
             n += 1
             target = inputs / f"{upload.stem}_{n}{upload.suffix}"
-        shutil.move(upload, target)
-        if upload.parent != self.root and upload.parent.is_relative_to(self.root):
-            try:
-                upload.parent.rmdir()
-            except OSError:  # other files in it
-                pass
+        try:
+            os.link(upload, target)
+        except OSError:  # another file system, or no hard links
+            shutil.copyfile(upload, target)
         return target
