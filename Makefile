@@ -2,6 +2,9 @@
 # Both install exactly requirements.lock (every package pinned, with hashes) with uv, which `make`
 # bootstraps into .uv/ from nothing but python3. `make lock` regenerates the lock from pyproject.toml;
 # `make test-latest` runs the suite against the newest versions pyproject.toml's ranges allow.
+# Packages are compiled to bytecode when installed: where PYTHONDONTWRITEBYTECODE is set (as on this
+# project's machines) every process would otherwise compile torch, diffusers and transformers from source
+# when it imports them (measured: importing the pipeline 27 s -> 11 s on the 2-core machine).
 VENV        ?= .venv
 LATEST_VENV ?= .venv-latest
 PYTHON      ?= python3
@@ -25,7 +28,7 @@ $(UV):
 
 $(STAMP): $(LOCK) pyproject.toml | $(UV)
 	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VENV)
-	$(UV) pip sync --quiet --python $(PY) --require-hashes --find-links $(TORCH_WHEELS) $(LOCK)
+	$(UV) pip sync --quiet --python $(PY) --require-hashes --compile-bytecode --find-links $(TORCH_WHEELS) $(LOCK)
 	$(UV) pip install --quiet --python $(PY) --no-deps --no-build-isolation -e .
 	$(UV) pip check --python $(PY)
 	touch $(STAMP)
@@ -52,7 +55,7 @@ lock: | $(UV)
 test-latest: | $(UV)
 	$(UV) venv --quiet --clear --python $(PYTHON) $(LATEST_VENV)
 	echo "$(TORCH_PIN)" > $(LATEST_VENV)/torch-constraint.txt
-	$(UV) pip install --quiet --refresh --python $(LATEST_VENV)/bin/python --find-links $(TORCH_WHEELS) \
+	$(UV) pip install --quiet --refresh --compile-bytecode --python $(LATEST_VENV)/bin/python --find-links $(TORCH_WHEELS) \
 		--constraint $(LATEST_VENV)/torch-constraint.txt -e ".[test]"
 	$(UV) pip check --python $(LATEST_VENV)/bin/python
 	@echo "newer than $(LOCK):"

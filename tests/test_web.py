@@ -18,8 +18,8 @@ from PIL import Image
 from omnitransfer.pipeline import OmniTransferPipeline
 from omnitransfer.tasks import Task
 from omnitransfer.video import read_video, video_info
-from omnitransfer.web import Page, build_app, sample_examples, server_folder, synthetic_examples
-from omnitransfer.web_jobs import MAX_REFERENCES, Cancelled, Form
+from omnitransfer.web import Page, build_app, launch, sample_examples, server_folder, synthetic_examples
+from omnitransfer.web_jobs import MAX_REFERENCES, MAX_UPLOAD_MB, Cancelled, Form
 
 SAMPLES = Path(__file__).parents[1] / "samples"
 
@@ -226,6 +226,34 @@ def test_the_app_queues_generations_one_at_a_time_and_cancel_cancels(server):
     assert all(f.concurrency_id != "device" for f in app.fns.values() if f is not generate)  # nothing waits behind it
     cancel_button = app.fns[ids["cancel"]].targets[0][0]
     assert any(ids["generate"] in f.cancels and f.targets[0][0] == cancel_button for f in app.fns.values())
+
+
+def test_a_waiting_user_sees_their_place_in_the_queue(server):
+    """Through gradio's own client: while one job runs, the next two wait with places 0 and 1."""
+    from gradio_client import Client, handle_file
+
+    page, _ = server
+    port = free_port()
+    page.max_upload_mb = 12.5  # as `--max-upload-mb 12.5` gives it
+    app = launch(page, port=port, block=False)
+    try:
+        assert app.max_file_size == 12_500_000  # gradio refuses larger uploads before they arrive
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        refs = [handle_file(str(SAMPLES / "camera_ref1.mp4")), "camera", "", *[None, None, ""] * (MAX_REFERENCES - 1)]
+        args = [*refs, handle_file(str(SAMPLES / "camera_ref1.jpg")), "", "", "omnitransfer", 9, 64, 64, 4, 1.5,
+                3.0, 0, "unipc", True]  # fmt: skip
+        jobs = [client.submit(*args, api_name="/generate") for _ in range(3)]
+        places = set()
+        while not jobs[-1].done():
+            status = jobs[-1].status()
+            if status.code.name == "IN_QUEUE" and status.rank is not None:
+                places.add(status.rank)
+            time.sleep(0.02)
+        assert 1 in places  # behind the running job and one waiting job
+        assert all(job.result()[-1].startswith("done: 9 frames") for job in jobs)
+    finally:
+        app.close()
+        page.max_upload_mb = MAX_UPLOAD_MB
 
 
 def free_port() -> int:

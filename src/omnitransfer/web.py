@@ -199,12 +199,12 @@ def build_app(page: Page, examples: Sequence[list] = (), session_hours: float = 
         if examples:
             gr.Examples(examples, [slots[0], slots[1], slots[2], image, prompt], label="examples: one click per task")
 
+        page_only = dict(concurrency_limit=None, api_visibility="private")  # never behind a job; not an API
         for upload in [*slots[::3], image]:
-            upload.upload(page.keep_upload, [upload, session], upload, concurrency_limit=None, show_progress="hidden")
-        add.click(lambda n: min(n + 1, MAX_REFERENCES), shown, shown, concurrency_limit=None)
-        remove.click(lambda n: max(n - 1, 1), shown, shown, concurrency_limit=None)
-        shown.change(lambda n: [gr.Group(visible=i < n) for i in range(MAX_REFERENCES)], shown, groups,
-                     concurrency_limit=None)  # fmt: skip
+            upload.upload(page.keep_upload, [upload, session], upload, show_progress="hidden", **page_only)
+        add.click(lambda n: min(n + 1, MAX_REFERENCES), shown, shown, **page_only)
+        remove.click(lambda n: max(n - 1, 1), shown, shown, **page_only)
+        shown.change(lambda n: [gr.Group(visible=i < n) for i in range(MAX_REFERENCES)], shown, groups, **page_only)
         inputs = [session, *slots, image, prompt, negative, method, frames, height, width, steps, guidance, shift,
                   seed, scheduler, cache]  # fmt: skip
 
@@ -212,8 +212,8 @@ def build_app(page: Page, examples: Sequence[list] = (), session_hours: float = 
             return page.generate(*values, progress=progress)
 
         job = run.click(generate, inputs, [output, comparison, strip, download, command, status],
-                        concurrency_limit=1, concurrency_id="device")  # fmt: skip
-        stop.click(page.cancel, session, status, cancels=[job], concurrency_limit=None)
+                        concurrency_limit=1, concurrency_id="device", api_name="generate")  # fmt: skip
+        stop.click(page.cancel, session, status, cancels=[job], concurrency_limit=None, api_name="cancel")
     return app
 
 
@@ -259,7 +259,7 @@ def launch(page: Page, host: str = "127.0.0.1", port: int = 7860, auth: tuple[st
     app = build_app(page, examples, session_hours)
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=host, server_port=port, auth=auth, root_path=root_path, quiet=True,
-               max_file_size=f"{page.max_upload_mb}mb", prevent_thread_lock=not block, show_error=False,
+               max_file_size=int(page.max_upload_mb * 1e6), prevent_thread_lock=not block, show_error=False,
                footer_links=[])  # fmt: skip
     return app
 
