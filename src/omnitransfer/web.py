@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -88,6 +89,9 @@ class Page:
         self.jobs = Jobs(method_pipelines(pipe), model, device, bf16)
         self.sessions = Sessions(root)
         self.max_upload_mb = max_upload_mb
+        self._lock = threading.Lock()
+        self._running: dict[str, int] = {}  # session -> its jobs running or waiting
+        self._ended: set[str] = set()  # sessions that expired while a job of theirs ran
 
     @property
     def methods(self) -> list[str]:
@@ -96,16 +100,43 @@ class Page:
     def new_session(self) -> str:
         return str(self.sessions.new())
 
-    def keep_upload(self, upload: str | None, session: str) -> str | None:
-        """The session's copy of an upload (what the page shows and generates from, from then on)."""
-        return None if upload is None else str(self.sessions.adopt(Path(session), upload))
+    def keep_upload(self, upload: str | None, session: str) -> tuple[str | None, str]:
+        """(the session's copy of an upload: what the page shows and generates from, the session); returning
+        the session restarts its time to live."""
+        return None if upload is None else str(self.sessions.adopt(Path(session), upload)), session
+
+    def end_session(self, session: str) -> None:
+        """gradio's end of a session (page closed, or its time to live passed): its folder goes, once no job
+        of it runs."""
+        with self._lock:
+            if self._running.get(session):
+                self._ended.add(session)
+                return
+        self.sessions.remove(session)
+
+    @contextlib.contextmanager
+    def _running_job(self, session: str) -> Iterator[None]:
+        with self._lock:
+            self._running[session] = self._running.get(session, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running[session] -= 1
+                ended = not self._running[session] and session in self._ended
+                if not self._running[session]:
+                    del self._running[session]
+                    self._ended.discard(session)
+            if ended:
+                self.sessions.remove(session)
 
     def cancel(self, session: str) -> str:
         self.jobs.cancel(session)
         return "cancelled"
 
     def generate(self, session: str, *fields, progress=None):
-        """Check the fields, run the job -> (output, comparison video, frames, download, command, status).
+        """Check the fields, run the job -> (session, output, comparison video, frames, download, command, status);
+        returning the session restarts its time to live.
 
         ``fields``: per reference slot (video, task, caption), then first frame, prompt, negative prompt,
         method, frames, height, width, steps, guidance, flow shift, seed, scheduler, reference cache.
@@ -127,16 +158,17 @@ class Page:
                 progress((done, total), desc="denoising", unit="steps")
 
         try:
-            result = self.jobs.run(form, Path(session), on_step, asked)
+            with self._running_job(session):
+                result = self.jobs.run(form, Path(session), on_step, asked)
         except Cancelled:
-            return None, None, None, None, "", "cancelled: nothing was kept"
+            return session, None, None, None, None, "", "cancelled: nothing was kept"
         except InputError as err:  # e.g. more memory than this machine has
             raise gr.Error(str(err), print_exception=False) from None
         except (MemoryError, RuntimeError) as err:
             raise gr.Error(f"generation failed: {str(err).strip().splitlines()[0]}", print_exception=False) from None
         paths = [str(p) for p in (result.video, result.comparison, result.strip, result.video)]
         t, h, w = form.num_frames, form.height, form.width
-        return (*paths, result.command, f"done: {t} frames, {w}x{h}, in {result.seconds:.1f} s")
+        return (session, *paths, result.command, f"done: {t} frames, {w}x{h}, in {result.seconds:.1f} s")
 
 
 def build_app(page: Page, examples: Sequence[list] = (), session_hours: float = SESSION_HOURS):
@@ -148,7 +180,7 @@ def build_app(page: Page, examples: Sequence[list] = (), session_hours: float = 
     with gr.Blocks(title="omnitransfer", delete_cache=cache) as app:
         # a function, not a bound method: gradio deep-copies a State's value, and calls it per page load
         session = gr.State(lambda: page.new_session(), time_to_live=session_hours * 3600,
-                           delete_callback=page.sessions.remove)  # fmt: skip
+                           delete_callback=page.end_session)  # fmt: skip
         shown = gr.State(1)  # reference slots on the page
         gr.Markdown("# omnitransfer\nTransfer the look or the movement of reference videos to a new video.")
         with gr.Row():
@@ -201,7 +233,7 @@ def build_app(page: Page, examples: Sequence[list] = (), session_hours: float = 
 
         page_only = dict(concurrency_limit=None, api_visibility="private")  # never behind a job; not an API
         for upload in [*slots[::3], image]:
-            upload.upload(page.keep_upload, [upload, session], upload, show_progress="hidden", **page_only)
+            upload.upload(page.keep_upload, [upload, session], [upload, session], show_progress="hidden", **page_only)
         add.click(lambda n: min(n + 1, MAX_REFERENCES), shown, shown, **page_only)
         remove.click(lambda n: max(n - 1, 1), shown, shown, **page_only)
         shown.change(lambda n: [gr.Group(visible=i < n) for i in range(MAX_REFERENCES)], shown, groups, **page_only)
@@ -211,7 +243,7 @@ def build_app(page: Page, examples: Sequence[list] = (), session_hours: float = 
         def generate(*values, progress=gr.Progress()):  # noqa: B008 (gradio finds its tracker this way)
             return page.generate(*values, progress=progress)
 
-        job = run.click(generate, inputs, [output, comparison, strip, download, command, status],
+        job = run.click(generate, inputs, [session, output, comparison, strip, download, command, status],
                         concurrency_limit=1, concurrency_id="device", api_name="generate")  # fmt: skip
         stop.click(page.cancel, session, status, cancels=[job], concurrency_limit=None, api_name="cancel")
     return app
