@@ -279,6 +279,29 @@ def test_a_waiting_user_sees_their_place_in_the_queue(server):
         page.max_upload_mb = MAX_UPLOAD_MB
 
 
+def test_a_session_folder_goes_when_its_time_to_live_passes(server):
+    """gradio's own session expiry, through its client: the job's folder is there, then gone."""
+    from gradio_client import Client, handle_file
+
+    page, root = server
+    port = free_port()
+    app = launch(page, port=port, block=False, session_hours=3 / 3600)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        refs = [handle_file(str(SAMPLES / "id_ref3.mp4")), "id", "", *[None, None, ""] * (MAX_REFERENCES - 1)]
+        args = [*refs, None, "a face", "", "omnitransfer", 9, 64, 64, 1, 1.5, 3.0, 0, "unipc", True]
+        before = set((root / "sessions").iterdir())
+        assert client.predict(*args, api_name="/generate")[-1].startswith("done")
+        (session,) = set((root / "sessions").iterdir()) - before
+        assert len(jobs_in(session)) == 1
+        deadline = time.monotonic() + 30
+        while session.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not session.exists()
+    finally:
+        app.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
