@@ -51,11 +51,11 @@ def upload(page, session, source: Path, name: str | None = None) -> str:
 
 
 def fields(refs=(), image=None, prompt="", negative="", method="omnitransfer", frames=9, height=64, width=64,
-           steps=2, guidance=1.5, shift=3.0, seed=0, scheduler="unipc", cache=True):  # fmt: skip
+           steps=2, guidance=1.5, shift=3.0, seed=0, scheduler="unipc", cache=True, step_cache="none"):  # fmt: skip
     """The page's fields in the order ``Page.generate`` takes them; ``refs``: (video, task, caption) each."""
     slots = list(refs) + [(None, None, "")] * (MAX_REFERENCES - len(refs))
     return [v for slot in slots for v in slot] + [image, prompt, negative, method, frames, height, width, steps,
-                                                  guidance, shift, seed, scheduler, cache]  # fmt: skip
+                                                  guidance, shift, seed, scheduler, cache, step_cache]  # fmt: skip
 
 
 def jobs_in(session: Path) -> list[Path]:
@@ -69,7 +69,7 @@ def test_a_combination_generates_its_files_and_its_command_makes_the_same_video(
     first = upload(page, session, SAMPLES / "camera_ref1.jpg")
     refs = [(camera, "camera", "a slow pan"), (style, "style", "")]
     steps = []
-    out = page.generate(str(session), *fields(refs, first, "a street", width=96),
+    out = page.generate(str(session), *fields(refs, first, "a street", width=96, step_cache="first-block:0.3"),
                         progress=lambda step, **_: steps.append(step))  # fmt: skip
     kept, video, comparison, strip, download, command, status = out
     assert kept == str(session)
@@ -82,7 +82,7 @@ def test_a_combination_generates_its_files_and_its_command_makes_the_same_video(
 
     # the command, run where the inputs are, makes the same frames
     args = shlex.split(command)
-    assert args[:2] == ["omnitransfer", "generate"] and "--ref-prompt" in args
+    assert args[:2] == ["omnitransfer", "generate"] and "--ref-prompt" in args and "first-block:0.3" in args
     monkeypatch.chdir(session / "inputs")
     assert cli_here(*args[1:-1], "again.mp4", "--quiet").returncode == 0
     assert np.array_equal(read_video(session / "inputs" / "again.mp4"), read_video(video))
@@ -117,6 +117,10 @@ def test_bad_inputs_each_give_one_message_and_leave_no_files(server, session):
             good, first, method="vap"
         ),
         "needs at least": fields(good, first, frames=4001, height=2048, width=2048),  # more memory than is here
+        "step cache 'fast': expected first-block[:THRESHOLD]": fields(good, first, step_cache="fast"),
+        "FullAttentionTransformer has no step cache yet": fields(
+            good, first, method="full-attention", step_cache="first-block:0.1"
+        ),
     }
     for message, values in cases.items():
         with pytest.raises(gr.Error) as caught:
@@ -263,7 +267,7 @@ def test_a_waiting_user_sees_their_place_in_the_queue(server):
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         refs = [handle_file(str(SAMPLES / "camera_ref1.mp4")), "camera", "", *[None, None, ""] * (MAX_REFERENCES - 1)]
         args = [*refs, handle_file(str(SAMPLES / "camera_ref1.jpg")), "", "", "omnitransfer", 9, 64, 64, 4, 1.5,
-                3.0, 0, "unipc", True]  # fmt: skip
+                3.0, 0, "unipc", True, "none"]  # fmt: skip
         jobs = [client.submit(*args, api_name="/generate") for _ in range(3)]
         places = set()  # the places any waiting job was told (the client sends them in any order)
         while not all(job.done() for job in jobs):
@@ -289,7 +293,7 @@ def test_a_session_folder_goes_when_its_time_to_live_passes(server):
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         refs = [handle_file(str(SAMPLES / "id_ref3.mp4")), "id", "", *[None, None, ""] * (MAX_REFERENCES - 1)]
-        args = [*refs, None, "a face", "", "omnitransfer", 9, 64, 64, 1, 1.5, 3.0, 0, "unipc", True]
+        args = [*refs, None, "a face", "", "omnitransfer", 9, 64, 64, 1, 1.5, 3.0, 0, "unipc", True, "none"]
         before = set((root / "sessions").iterdir())
         assert client.predict(*args, api_name="/generate")[-1].startswith("done")
         (session,) = set((root / "sessions").iterdir()) - before

@@ -37,6 +37,7 @@ class FullAttentionTransformer(OmniTransferTransformer):
 
     task_positional_bias = False
     caches_references = False  # references attend to the target
+    caches_steps = False  # its forward runs joint blocks: no step cache yet
 
     def _block_class(self, index: int) -> type[OmniTransferBlock]:
         return JointBlock

@@ -14,6 +14,8 @@ from pathlib import Path
 from .errors import InputError, InputWarning, PeerStopped, check_sampler, seed
 from .files import check_distinct, check_writable
 from .limits import check_command
+from .step_cache import DEFAULT_THRESHOLD as DEFAULT_STEP_CACHE_THRESHOLD
+from .step_cache import parse as parse_step_cache
 from .synthetic.world import SPLITS
 from .tasks import Family, Task
 from .training.prepare import DTYPES as PREPARE_DTYPES
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     gen.add_argument("--bf16", action="store_true", help="run the transformer and text encoder in bfloat16")
     gen.add_argument("--no-reference-cache", action="store_true", help="recompute the reference branch every step")
+    gen.add_argument("--step-cache", metavar="KIND[:THRESHOLD]",
+                     help="skip the blocks after the first at steps that barely change: first-block (threshold "
+                     f"{DEFAULT_STEP_CACHE_THRESHOLD}) or first-block:0.05 (OmniTransfer; default: none)")  # fmt: skip
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--output", type=Path, required=True, help="the .mp4 to write")
     gen.set_defaults(run=_generate)
@@ -319,6 +324,7 @@ def _generate(args: argparse.Namespace) -> None:
     check_writable(args.output, "--output")  # before the work, not when saving it
     check_distinct(args.output, [path for _, path in refs] + [args.image], "--output")
     check_sampler(args.flow_shift, args.guidance, ("--flow-shift", "--guidance"))
+    parse_step_cache(args.step_cache, "--step-cache")
     if args.frames is not None:
         check_num_frames(args.frames, what="--frames")
     if args.fps is not None and args.fps <= 0:
@@ -351,6 +357,7 @@ def _generate(args: argparse.Namespace) -> None:
         progress=not args.quiet,
         reference_negative_prompt=args.ref_negative_prompt,
         preprocess=args.preprocess,
+        step_cache=args.step_cache,
     )
     save_video(frames, args.output, fps=args.fps or pipe.settings.fps)
     t, h, w, _ = frames.shape

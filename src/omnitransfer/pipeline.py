@@ -22,6 +22,7 @@ from .methods import get_method, load_transformer
 from .model_folder import EMBEDDED_MODEL, Settings, find_alignment, find_component, resolved_settings
 from .patch_codec import PatchCodec
 from .sampling import StepFn, denoise, make_scheduler
+from .step_cache import parse as parse_step_cache
 from .tasks import Task
 from .transformer import OmniTransferTransformer
 from .video import ImageLike, VideoLike, check_preprocess, load_image, load_video
@@ -302,6 +303,7 @@ class OmniTransferPipeline:
         output_type: str = "np",
         preprocess: str | None = None,
         on_step: StepFn | None = None,
+        step_cache: str | None = None,
     ):
         """Generate a video. Returns uint8 frames (T, H, W, 3), or normalised latents if output_type="latent".
 
@@ -311,7 +313,9 @@ class OmniTransferPipeline:
         reference keeps its own caption in both branches); ``preprocess``, how inputs reach the target's size
         and frame count (``video.PREPROCESS``; VAP: "stretch", its official rule; otherwise "crop").
         ``on_step(done, total)`` is called after each denoising step; an exception it raises stops the
-        generation there (how the web page shows real progress and cancels).
+        generation there (how the web page shows real progress and cancels). ``step_cache``:
+        ``"first-block:THRESHOLD"`` skips the blocks after the first at steps that barely change
+        (``step_cache.py``; OmniTransfer only for now), None or "none" runs every block.
         """
         if self.transformer is None:
             raise InputError("this pipeline was loaded without its transformer (with_transformer=False)")
@@ -335,6 +339,10 @@ class OmniTransferPipeline:
         shift = s.flow_shift if flow_shift is None else flow_shift
         check_sampler(shift, guidance)
         refs = [_as_reference(r) for r in references]
+        steps_cache = parse_step_cache(step_cache)
+        if steps_cache is not None and not model.caches_steps:
+            name = type(model).__name__
+            raise InputError(f"step cache {step_cache!r}: {name} has no step cache yet (OmniTransferTransformer has)")
         check_generation(  # before anything is allocated
             ModelSizes.of_pipeline(self), named_frames, named_height, named_width, named_steps,
             resolve(None, "", s, self.folder, "text_max_length"),
@@ -375,7 +383,7 @@ class OmniTransferPipeline:
         latents = denoise(
             self.transformer, noise, condition, text, image_tokens, refs, solver, steps, guidance,
             use_reference_cache=use_reference_cache and self.transformer.caches_references, progress=progress,
-            on_step=on_step,
+            on_step=on_step, step_cache=steps_cache,
         )  # fmt: skip
         if output_type == "latent":
             return latents

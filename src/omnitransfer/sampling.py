@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from .conditioning import target_input
 from .errors import InputError
+from .step_cache import FirstBlockCache
 from .transformer import OmniTransferTransformer, ReferenceInput
 
 SCHEDULERS = ("unipc", "euler")
@@ -79,6 +80,7 @@ def denoise(
     progress: bool = True,
     dtype: torch.dtype | None = None,
     on_step: StepFn | None = None,
+    step_cache: FirstBlockCache | None = None,
 ) -> torch.Tensor:
     """OmniTransfer sampling of one target: latents (1, z, f, h, w) from noise of that shape.
 
@@ -88,7 +90,8 @@ def denoise(
     cache, the reference branch runs once for the whole generation (for both branches at once when some
     reference has two captions); without it, at every call (as under FSDP,
     where only ``forward`` gathers the weights). ``dtype``: of the model's inputs (default: the
-    transformer's; FSDP's bf16 compute over fp32 master weights needs it said).
+    transformer's; FSDP's bf16 compute over fp32 master weights needs it said). ``step_cache``: a fresh
+    one for this generation (``step_cache.parse``), for a transformer that ``caches_steps``.
     """
     device, dtype = noise.device, dtype or transformer.dtype
     batch = text.shape[0]
@@ -102,6 +105,8 @@ def denoise(
         cache = transformer.encode_references(cached, transformer.token_grid(noise))
     per_call = [r.tile(batch) for r in references]  # no cache: the same reference for each guidance branch
 
+    steps = {} if step_cache is None else {"step_cache": step_cache}
+
     def velocity(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         model_in = target_input(latents, condition.expand(batch, -1, -1, -1, -1)).to(dtype)
         return transformer(
@@ -111,6 +116,7 @@ def denoise(
             image,
             references=None if cache is not None else per_call,
             reference_cache=cache,
+            **steps,
         ).sample
 
     return sample(velocity, noise, scheduler, num_inference_steps, guidance_scale, progress, on_step)

@@ -39,6 +39,7 @@ from diffusers.models.transformers.transformer_wan import (
 from .conditioning import reference_input
 from .positional_bias import reference_offsets
 from .rope import Grid, apply_rotary, rope_tables
+from .step_cache import FirstBlockCache
 from .tasks import Task
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, S, heads, head_dim), rotated keys
@@ -247,6 +248,7 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     # What a transfer method needs from sampling, declared by its class (``methods.METHODS``):
     caches_references = True  # the reference branch is independent of the target: encode it once
+    caches_steps = True  # its forward takes a ``step_cache`` (``step_cache.py``)
     reference_needs_first_frame = False  # VAP conditions each reference on its own first frame
     # Generation defaults where neither the call nor the model folder names one (``pipeline``):
     default_negative_prompt = ""
@@ -364,13 +366,15 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         references: Sequence[ReferenceInput] | None = None,
         reference_cache: ReferenceCache | None = None,
         return_dict: bool = True,
+        step_cache: FirstBlockCache | None = None,
     ):
         """Velocity for the target tokens.
 
         hidden_states: (B, 2z + 4, F, H, W) target input; timestep: (B,) or per-token (B, f*h*w);
         encoder_hidden_states: (B, L, text_dim) prompt; encoder_hidden_states_image: (B, N, image_dim)
         CLIP tokens of the first frame or None. References are given either as inputs (encoded here)
-        or as a cache from ``encode_references``.
+        or as a cache from ``encode_references``. ``step_cache``: this generation's (``step_cache.py``), which
+        may skip every block after the first at this step.
         """
         grid = self.token_grid(hidden_states)
         if references and reference_cache is None:
@@ -383,9 +387,17 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         )
         rope = self._rope(grid, (0, 0, 0), x.device)
 
-        for i, block in enumerate(self.blocks):
-            extra = reference_cache.kv[i] if reference_cache is not None and reference_cache.kv else None
-            x, _ = block(x, proj, rope, text, image, extra_kv=extra)
+        def blocks(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+            for i in range(start, stop):
+                extra = reference_cache.kv[i] if reference_cache is not None and reference_cache.kv else None
+                x, _ = self.blocks[i](x, proj, rope, text, image, extra_kv=extra)
+            return x
+
+        layers = len(self.blocks)
+        if step_cache is None:
+            x = blocks(x, 0, layers)
+        else:
+            x = step_cache(x, lambda h: blocks(h, 0, 1), lambda h: blocks(h, 1, layers))
 
         out = self._head(x, temb, grid)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)

@@ -39,6 +39,7 @@ SAMPLE_PROMPTS = {  # the samples' captions are the clips' own; these prompts de
     Task.CAMERA: "the camera moves through the scene",
     Task.MOTION: "the person moves like the reference",
 }
+STEP_CACHES = ["none", "first-block", "first-block:0.05", "first-block:0.2"]  # first-block: its default
 TASK_CHOICES = [(f"{task.value} ({task.family.value})", task.value) for task in Task]
 FAMILIES = (
     "**Appearance tasks** (id, style) carry the reference's look: the target follows the prompt. "
@@ -139,7 +140,7 @@ class Page:
         returning the session restarts its time to live.
 
         ``fields``: per reference slot (video, task, caption), then first frame, prompt, negative prompt,
-        method, frames, height, width, steps, guidance, flow shift, seed, scheduler, reference cache.
+        method, frames, height, width, steps, guidance, flow shift, seed, scheduler, reference cache, step cache.
         """
         import gradio as gr
 
@@ -217,6 +218,9 @@ def build_app(page: Page, examples: Sequence[list] = (), session_hours: float = 
                         seed = gr.Number(0, label="seed", precision=0)
                         scheduler = gr.Dropdown(["unipc", "euler"], value=s.scheduler, label="solver")
                         cache = gr.Checkbox(True, label="reference cache (OmniTransfer: encode references once)")
+                    step_cache = gr.Dropdown(STEP_CACHES, value="none", allow_custom_value=True,
+                                             label="step cache (OmniTransfer: skip blocks at steps that barely "
+                                             "change; KIND[:THRESHOLD])")  # fmt: skip
                 with gr.Row():
                     run = gr.Button("generate", variant="primary", elem_id="generate")
                     stop = gr.Button("cancel", variant="stop", elem_id="cancel")
@@ -238,7 +242,7 @@ def build_app(page: Page, examples: Sequence[list] = (), session_hours: float = 
         remove.click(lambda n: max(n - 1, 1), shown, shown, **page_only)
         shown.change(lambda n: [gr.Group(visible=i < n) for i in range(MAX_REFERENCES)], shown, groups, **page_only)
         inputs = [session, *slots, image, prompt, negative, method, frames, height, width, steps, guidance, shift,
-                  seed, scheduler, cache]  # fmt: skip
+                  seed, scheduler, cache, step_cache]  # fmt: skip
 
         def generate(*values, progress=gr.Progress()):  # noqa: B008 (gradio finds its tracker this way)
             return page.generate(*values, progress=progress)

@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import InputError, check_sampler, check_seed
 from .limits import MAX_STEPS
+from .step_cache import parse as parse_step_cache
 from .tasks import Family, Task
 from .video import check_num_frames, load_image, load_video, read_image, save_png, save_video, video_info
 
@@ -56,6 +57,7 @@ class Form:
     seed: int
     scheduler: str
     reference_cache: bool = True
+    step_cache: str = "none"  # KIND:THRESHOLD (``step_cache.py``) or "none"
 
 
 def _whole(value, what: str, low: int, high: int | None = None) -> int:
@@ -103,6 +105,7 @@ def check_form(
     seed,
     scheduler: str,
     reference_cache: bool = True,
+    step_cache: str | None = "none",
     max_upload_mb: float = MAX_UPLOAD_MB,
 ) -> Form:
     """The page's fields as a ``Form``, or an ``InputError`` naming the field and what was expected.
@@ -153,7 +156,9 @@ def check_form(
         seed=check_seed(_whole(seed, "seed", 0)),
         scheduler=scheduler,
         reference_cache=bool(reference_cache),
+        step_cache=(step_cache or "none").strip(),
     )
+    parse_step_cache(form.step_cache)
     check_num_frames(form.num_frames, what="frames")
     pipe.check_size(form.height, form.width, form.num_frames)
     check_sampler(form.flow_shift, form.guidance, ("flow shift", "guidance"))
@@ -186,6 +191,8 @@ def command_line(form: Form, model: Path | None = None, device: str = "cpu", bf1
         args.append("--bf16")
     if not form.reference_cache:
         args.append("--no-reference-cache")
+    if parse_step_cache(form.step_cache) is not None:
+        args += ["--step-cache", form.step_cache]
     return shlex.join([*args, "--output", "output.mp4"])
 
 
@@ -296,6 +303,7 @@ class Jobs:
             scheduler=form.scheduler,
             seed=form.seed,
             use_reference_cache=form.reference_cache,
+            step_cache=form.step_cache,
             progress=False,
             on_step=step,
         )

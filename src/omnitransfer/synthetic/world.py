@@ -1,8 +1,9 @@
 """The synthetic world's entry point: splits, seeds, kinds per split and `make_sample`.
 
-A sample is a pure function of (task, split, index, height, width, frames, seed). Train and test
-draw their sample seeds from disjoint ranges; the test split also holds out kinds never generated
-for training (`HELD_OUT`) and, for `id`, uses only subjects from a disjoint seed range. Kinds are
+A sample is a pure function of (task, split, index, height, width, frames, seed). Train, validation
+and test draw their sample seeds from disjoint ranges; the test split also holds out kinds never generated
+for training (`HELD_OUT`) and, for `id`, uses only subjects from a disjoint seed range. Validation is
+train's distribution on other samples: where settings (a step cache's threshold) are chosen. Kinds are
 dealt round-robin by index, so any `len(kinds(task, split))` consecutive indices cover them all.
 """
 
@@ -19,9 +20,13 @@ from . import camera, effects, identity, motion, styles
 from .raster import to_uint8
 from .sample import Sample
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
 SAMPLES_PER_SPLIT = 1_000_000
-SPLIT_SEEDS = {"train": range(0, SAMPLES_PER_SPLIT), "test": range(SAMPLES_PER_SPLIT, 2 * SAMPLES_PER_SPLIT)}
+SPLIT_SEEDS = {
+    "train": range(0, SAMPLES_PER_SPLIT),
+    "test": range(SAMPLES_PER_SPLIT, 2 * SAMPLES_PER_SPLIT),
+    "validation": range(2 * SAMPLES_PER_SPLIT, 3 * SAMPLES_PER_SPLIT),
+}
 
 KINDS: dict[Task, tuple[str, ...]] = {
     Task.CAMERA: camera.FAMILIES,
@@ -46,7 +51,7 @@ _GENERATORS = {
 
 
 def kinds(task: Task, split: str) -> tuple[str, ...]:
-    """Kinds dealt in `split`: train leaves out the held-out kinds, test has them all."""
+    """Kinds dealt in `split`: train and validation leave out the held-out kinds, test has them all."""
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
     return tuple(k for k in KINDS[task] if split == "test" or k not in HELD_OUT[task])

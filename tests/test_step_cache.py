@@ -1,0 +1,100 @@
+"""The first-block step cache (omnitransfer.step_cache): the rule alone, then in whole generations with the
+reference cache and guidance, counting block calls with forward hooks."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli_here
+
+from omnitransfer.errors import InputError
+from omnitransfer.pipeline import OmniTransferPipeline, Reference
+from omnitransfer.step_cache import DEFAULT_THRESHOLD, FirstBlockCache, parse
+from omnitransfer.synthetic import make_sample
+
+
+def test_the_rule_reuses_the_last_computed_residual_row_by_row():
+    cache = FirstBlockCache(threshold=0.1)
+    first = lambda x: 2 * x  # noqa: E731  residual = x
+    rest = lambda h: h + torch.tensor([[1.0], [-3.0]])  # noqa: E731  each guidance row its own residual
+    x = torch.tensor([[1.0], [2.0]])
+    assert torch.equal(cache(x, first, rest), torch.tensor([[3.0], [1.0]]))  # computed
+    near = x * 1.05  # the first block's residual changed by 5 %
+    assert torch.equal(cache(near, first, rest), 2 * near + torch.tensor([[1.0], [-3.0]]))  # skipped
+    far = x * 1.5
+    cache(far, first, lambda h: h)  # 50 %: computed again, with the new residuals
+    assert (cache.computed, cache.skipped) == (2, 1)
+    never = FirstBlockCache(threshold=0.0)
+    for _ in range(3):
+        never(x, first, rest)
+    assert (never.computed, never.skipped) == (3, 0)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("fast", r"expected first-block\[:THRESHOLD\]"), ("first-block:", "expected a threshold of 0 or more"),
+     ("first-block:-1", "expected a threshold"), ("first-block:nan", "expected a threshold")],
+)  # fmt: skip
+def test_bad_specs_name_the_input(spec, message):
+    with pytest.raises(InputError, match=f"--step-cache '{spec}': {message}"):
+        parse(spec, "--step-cache")
+    assert parse("none") is None and parse(None) is None and parse("First-Block:0.2").threshold == 0.2
+    assert parse("first-block").threshold == DEFAULT_THRESHOLD == 0.1  # chosen on the validation split
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return OmniTransferPipeline.from_pretrained()  # the embedded model: 6 blocks, trained
+
+
+def generation(pipe, spec, guidance=1.5, task="camera"):
+    """(frames, calls of block 0, calls of block 1) of one generation of a synthetic train sample."""
+    sample = make_sample(task, "train", 3)
+    calls = [0, 0]
+    hooks = [pipe.transformer.blocks[i].register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i in (0, 1)]  # fmt: skip
+    try:
+        frames = pipe(references=[Reference(sample.task, sample.reference, sample.reference_prompt)],
+                      image=sample.first_frame, prompt=sample.prompt, num_inference_steps=10, guidance_scale=guidance,
+                      progress=False, step_cache=spec)  # fmt: skip
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return frames, calls[0], calls[1]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255**2 / np.mean((a.astype(float) - b.astype(float)) ** 2)))
+
+
+def test_it_skips_blocks_composes_with_the_reference_cache_and_guidance_and_starts_fresh(pipe):
+    plain, first_calls, rest_calls = generation(pipe, None)
+    assert (first_calls, rest_calls) == (1 + 10, 1 + 10)  # the reference pass once, then every step
+    same, _, _ = generation(pipe, "first-block:0")
+    assert np.array_equal(same, plain)  # threshold 0: the plain path exactly
+
+    cached, first_calls, rest_calls = generation(pipe, "first-block")
+    assert first_calls == 1 + 10 and 1 + 1 < rest_calls < 1 + 10  # skipped some steps, never the first
+    assert psnr(cached, plain) > 30  # measured 43 dB (benchmarks/step_cache.py)
+    again, _, calls_again = generation(pipe, "first-block")
+    assert np.array_equal(again, cached) and calls_again == rest_calls  # nothing carried over
+
+    unguided, _, _ = generation(pipe, None, guidance=1.0)
+    skipped, _, rest_unguided = generation(pipe, "first-block:0.1", guidance=1.0)
+    assert rest_unguided < 1 + 10 and psnr(skipped, unguided) > 30
+
+
+def test_the_command_line_takes_it_and_other_methods_refuse_it(tmp_path):
+    clip = make_sample("camera", "train", 0)
+    from omnitransfer.video import save_png, save_video
+
+    save_video(clip.reference, tmp_path / "ref.mp4", fps=8)
+    save_png(clip.first_frame, tmp_path / "first.png")
+    common = ["generate", "--ref", f"camera={tmp_path / 'ref.mp4'}", "--image", tmp_path / "first.png", "--steps", 4]
+    done = cli_here(*common, "--step-cache", "first-block:0.1", "--output", tmp_path / "out.mp4", "--quiet")
+    assert done.returncode == 0, done.stderr
+    refused = cli_here(*common, "--step-cache", "first-block:0.1", "--method", "full-attention", "--output",
+                       tmp_path / "no.mp4")  # fmt: skip
+    assert refused.returncode == 2 and "FullAttentionTransformer has no step cache yet" in refused.stderr
+    bad = cli_here(*common, "--step-cache", "sometimes", "--output", tmp_path / "no.mp4")
+    assert bad.returncode == 2 and "--step-cache 'sometimes': expected first-block[:THRESHOLD]" in bad.stderr
+    assert not (tmp_path / "no.mp4").exists()
