@@ -28,7 +28,7 @@ LOCK = ROOT / "requirements.lock"
 TORCH = "torch==2.13.0+cpu"
 PYTHON_VERSION = "3.11"
 PLATFORM = "x86_64-manylinux_2_28"
-EXTRAS = ("train", "serve", "test")
+EXTRAS = ("train", "serve", "quantize", "test")
 HEADER = "# pyproject-dependencies-sha256: "
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
+import torch
 from conftest import cli_here
 from PIL import Image
 
@@ -19,7 +20,7 @@ from omnitransfer.pipeline import OmniTransferPipeline
 from omnitransfer.tasks import Task
 from omnitransfer.video import read_video, video_info
 from omnitransfer.web import Page, build_app, launch, sample_examples, server_folder, synthetic_examples
-from omnitransfer.web_jobs import MAX_REFERENCES, MAX_UPLOAD_MB, Cancelled, Form
+from omnitransfer.web_jobs import MAX_REFERENCES, MAX_UPLOAD_MB, Cancelled, Form, command_line
 
 SAMPLES = Path(__file__).parents[1] / "samples"
 
@@ -229,6 +230,19 @@ def test_methods_share_the_loaded_weights(server):
     pointers = {m: p.transformer.patch_embedding.weight.data_ptr() for m, p in page.jobs.pipes.items()}
     assert len(set(pointers.values())) == 1
     assert type(page.jobs.pipes["full-attention"].transformer).__name__ == "FullAttentionTransformer"
+
+
+def test_low_precision_weights_serve_the_loaded_method_and_the_command_says_how_it_loaded(server):
+    from omnitransfer.precision import apply_weights
+
+    page, root = server
+    pipe = OmniTransferPipeline.from_pretrained(torch_dtype=torch.bfloat16)
+    apply_weights(pipe.transformer, "int8")
+    quantized = Page(pipe, root, ["--weights", "int8"])
+    assert quantized.methods == ["omnitransfer"]  # the baselines would read the weights without their hooks
+    form = Form(((Task.CAMERA, SAMPLES / "camera_ref1.mp4", ""),), SAMPLES / "camera_ref1.jpg", "", "",
+                "omnitransfer", 9, 64, 64, 1, 1.5, 3.0, 0, "unipc")  # fmt: skip
+    assert command_line(form, quantized.jobs.loading).startswith("omnitransfer generate --weights int8 --ref camera=")
 
 
 def test_examples_cover_every_task_from_samples_and_the_synthetic_world(server, tmp_path):

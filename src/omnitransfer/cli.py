@@ -14,6 +14,7 @@ from pathlib import Path
 from .errors import InputError, InputWarning, PeerStopped, check_sampler, seed
 from .files import check_distinct, check_writable
 from .limits import check_command
+from .precision import WEIGHTS
 from .step_cache import DEFAULT_THRESHOLD as DEFAULT_STEP_CACHE_THRESHOLD
 from .step_cache import parse as parse_step_cache
 from .synthetic.world import SPLITS
@@ -21,6 +22,11 @@ from .tasks import Family, Task
 from .training.prepare import DTYPES as PREPARE_DTYPES
 from .training.prepare import prepare
 from .video import PREPROCESS, check_num_frames, read_image, save_video, video_info
+
+WEIGHTS_HELP = (
+    "the transformer's weights: bf16, fp8-storage (float8, bfloat16 compute), int8 or fp8 (torchao "
+    "weight-only); bfloat16 compute, with the text encoder (as --bf16)"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fps", type=int, help="frame rate of the written video (model default otherwise)")
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     gen.add_argument("--bf16", action="store_true", help="run the transformer and text encoder in bfloat16")
+    gen.add_argument("--weights", choices=WEIGHTS, help=WEIGHTS_HELP)
     gen.add_argument("--no-reference-cache", action="store_true", help="recompute the reference branch every step")
     gen.add_argument("--step-cache", metavar="KIND[:THRESHOLD]",
                      help="skip the blocks after the first at steps that barely change: first-block (threshold "
@@ -246,6 +253,7 @@ def _add_serve_command(sub) -> None:
     serve.add_argument("--root-path", help="the page's URL path behind a reverse proxy, e.g. /omnitransfer")
     serve.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     serve.add_argument("--bf16", action="store_true", help="run the transformer and text encoder in bfloat16")
+    serve.add_argument("--weights", choices=WEIGHTS, help=WEIGHTS_HELP)
     serve.add_argument(
         "--max-upload-mb",
         type=float,
@@ -295,16 +303,22 @@ def _check_device(device: str) -> None:
         raise InputError(f"--device {device}: not available here ({str(err).strip().split('. ')[0]})") from None
 
 
-def _load_pipeline(model: Path | None, device: str, dtype=None, method: str | None = None, first_frames=False):
-    """Check the device, quieten the libraries and load the pipeline (float32 unless ``dtype``);
-    ``first_frames``: the work ahead gives first frames, so the model must have an image encoder."""
+def _load_pipeline(model: Path | None, device: str, dtype=None, method: str | None = None, first_frames=False,
+                   weights: str | None = None):  # fmt: skip
+    """Check the device, quieten the libraries and load the pipeline (float32 unless ``dtype``; bfloat16 with
+    ``weights``, then stored as those: ``precision.WEIGHTS``); ``first_frames``: the work ahead gives first
+    frames, so the model must have an image encoder."""
     import torch
 
     from .pipeline import OmniTransferPipeline
+    from .precision import apply_weights
 
     _check_device(device)
     _quiet_libraries()
-    pipe = OmniTransferPipeline.from_pretrained(model, dtype or torch.float32, device, method=method)
+    dtype = torch.bfloat16 if weights else dtype or torch.float32
+    pipe = OmniTransferPipeline.from_pretrained(model, dtype, device, method=method)
+    if weights:
+        apply_weights(pipe.transformer, weights)
     if first_frames and pipe.image_encoder is None:
         raise InputError(f"{model}: no image_encoder (a text-to-video model), but first frames are given")
     return pipe
@@ -330,7 +344,7 @@ def _generate(args: argparse.Namespace) -> None:
     if args.fps is not None and args.fps <= 0:
         raise InputError(f"--fps {args.fps}: expected a positive frame rate")
     check_command(args.model, args.frames, args.height, args.width, args.steps, len(refs), args.guidance,
-                  dtype_bytes=2 if args.bf16 else 4, device=args.device)  # fmt: skip
+                  dtype_bytes=2 if args.bf16 or args.weights else 4, device=args.device)  # fmt: skip
 
     import torch  # the heavy imports, once the inputs are known to be usable
 
@@ -338,7 +352,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     dtype = torch.bfloat16 if args.bf16 else None
-    pipe = _load_pipeline(args.model, args.device, dtype, args.method, first_frames=args.image is not None)
+    pipe = _load_pipeline(args.model, args.device, dtype, args.method, args.image is not None, args.weights)
     captions = args.ref_prompt + [""] * (len(refs) - len(args.ref_prompt))
     frames = pipe(
         references=[Reference(task, path, prompt) for (task, path), prompt in zip(refs, captions)],
@@ -484,7 +498,18 @@ def _failure(err: BaseException) -> int | None:
     return 1
 
 
+def _quiet_imports() -> None:
+    """What libraries log when they are imported and a user cannot act on: torchao's GPU kernels that this
+    machine cannot load, diffusers' notice about torchao's version, torch's deprecation notes for torchao."""
+    import logging
+
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # read when diffusers first logs
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_imports()
     warnings.showwarning = _show_warning
     previous = None
     if threading.current_thread() is threading.main_thread():  # only there can Python handle signals

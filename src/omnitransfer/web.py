@@ -84,10 +84,10 @@ def synthetic_examples(pipe, folder: Path, index: int = 0) -> list[list]:
 class Page:
     """The page's handlers, callable without a browser; bad input raises ``gradio.Error`` with one line."""
 
-    def __init__(self, pipe, root: Path, model: Path | None = None, device: str = "cpu", bf16: bool = False,
-                 max_upload_mb: float = MAX_UPLOAD_MB):  # fmt: skip
+    def __init__(self, pipe, root: Path, loading: Sequence[str] = (), max_upload_mb: float = MAX_UPLOAD_MB):
+        """``loading``: the ``generate`` options the model was loaded with (for the command lines shown)."""
         self.pipe = pipe
-        self.jobs = Jobs(method_pipelines(pipe), model, device, bf16)
+        self.jobs = Jobs(method_pipelines(pipe, variants="--weights" not in loading), tuple(loading))
         self.sessions = Sessions(root)
         self.max_upload_mb = max_upload_mb
         self._lock = threading.Lock()
@@ -313,10 +313,14 @@ def serve(args, load_pipeline) -> None:
     _check_port(args.host, args.port)
     import torch
 
-    pipe = load_pipeline(args.model, args.device, torch.bfloat16 if args.bf16 else None, args.method)
-    page_args = dict(model=args.model, device=args.device, bf16=args.bf16, max_upload_mb=args.max_upload_mb)
+    pipe = load_pipeline(args.model, args.device, torch.bfloat16 if args.bf16 else None, args.method,
+                         weights=args.weights)  # fmt: skip
+    device = None if args.device == "cpu" else args.device
+    given = {"--model": args.model, "--weights": args.weights, "--device": device}
+    loading = [str(v) for option, value in given.items() if value is not None for v in (option, value)]
+    loading += ["--bf16"] if args.bf16 else []
     with server_folder() as root:
-        page = Page(pipe, root, **page_args)
+        page = Page(pipe, root, loading, args.max_upload_mb)
         examples = sample_examples() + synthetic_examples(pipe, root / "examples")
         print(f"omnitransfer: serving on http://{args.host}:{args.port}{args.root_path or ''} (Ctrl+C stops)")
         launch(page, args.host, args.port, auth, args.root_path, examples, args.session_hours)

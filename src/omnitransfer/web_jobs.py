@@ -165,11 +165,10 @@ def check_form(
     return form
 
 
-def command_line(form: Form, model: Path | None = None, device: str = "cpu", bf16: bool = False) -> str:
-    """The ``omnitransfer generate`` command that makes the same video, run where the inputs are (by name)."""
-    args = ["omnitransfer", "generate"]
-    if model is not None:
-        args += ["--model", str(model)]
+def command_line(form: Form, loading: Sequence[str] = ()) -> str:
+    """The ``omnitransfer generate`` command that makes the same video, run where the inputs are (by name);
+    ``loading``: the options the model was loaded with (``--model DIR --device cuda --weights int8`` ...)."""
+    args = ["omnitransfer", "generate", *loading]
     for task, video, _ in form.references:
         args += ["--ref", f"{task.value}={video.name}"]
     captions = [caption for _, _, caption in form.references]
@@ -185,10 +184,6 @@ def command_line(form: Form, model: Path | None = None, device: str = "cpu", bf1
     args += ["--method", form.method, "--frames", str(form.num_frames), "--height", str(form.height)]
     args += ["--width", str(form.width), "--steps", str(form.steps), "--guidance", repr(form.guidance)]
     args += ["--flow-shift", repr(form.flow_shift), "--scheduler", form.scheduler, "--seed", str(form.seed)]
-    if device != "cpu":
-        args += ["--device", device]
-    if bf16:
-        args.append("--bf16")
     if not form.reference_cache:
         args.append("--no-reference-cache")
     if parse_step_cache(form.step_cache) is not None:
@@ -196,17 +191,18 @@ def command_line(form: Form, model: Path | None = None, device: str = "cpu", bf1
     return shlex.join([*args, "--output", "output.mp4"])
 
 
-def method_pipelines(pipe) -> dict:
+def method_pipelines(pipe, variants: bool = True) -> dict:
     """The methods one loaded model serves, each a pipeline over the same weights (shared, not copied).
 
     A VAP model serves VAP only (its expert is its own); any other serves OmniTransfer and the two
-    full-attention baselines, which read the same weights differently.
+    full-attention baselines, which read the same weights differently. ``variants=False``: the loaded
+    method only (low-precision weights live in hooks and tensor types of the loaded modules).
     """
     from .methods import METHODS, get_method
 
     loaded = next(name for name, cls in METHODS.items() if type(pipe.transformer) is cls)
-    if loaded == "vap":
-        return {"vap": pipe}
+    if loaded == "vap" or not variants:
+        return {loaded: pipe}
     pipes = {}
     for name in (n for n in METHODS if n != "vap"):
         if name == loaded:
@@ -248,9 +244,7 @@ class Jobs:
     """Runs transfer jobs one at a time on one device, and cancels them at their next step."""
 
     pipes: dict  # method -> pipeline (``method_pipelines``)
-    model: Path | None = None
-    device: str = "cpu"
-    bf16: bool = False
+    loading: Sequence[str] = ()  # the generate options the model was loaded with (``command_line``)
     _device: threading.Lock = field(default_factory=threading.Lock)
     _cancels: dict = field(default_factory=dict)  # session folder -> time.monotonic() of its last cancel
 
@@ -312,7 +306,7 @@ class Jobs:
         save_video(frames, folder / "output.mp4", fps=fps)
         save_video(comparison_video(panels), folder / "comparison.mp4", fps=fps)
         save_png(comparison_strip(panels), folder / "comparison.png")
-        command = command_line(form, self.model, self.device, self.bf16)
+        command = command_line(form, self.loading)
         seconds = time.perf_counter() - start
         return Result(folder / "output.mp4", folder / "comparison.mp4", folder / "comparison.png", command, seconds)
 
