@@ -38,6 +38,7 @@ class FullAttentionTransformer(OmniTransferTransformer):
     task_positional_bias = False
     caches_references = False  # references attend to the target
     caches_steps = False  # its forward runs joint blocks: no step cache yet
+    _repeated_blocks = ["JointBlock"]
 
     def _block_class(self, index: int) -> type[OmniTransferBlock]:
         return JointBlock

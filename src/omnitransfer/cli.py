@@ -32,6 +32,9 @@ WEIGHTS_HELP = (
 ATTENTION_HELP = "diffusers' attention kernel: native (default), flash, _flash_3, sage, xformers, flex ..."
 
 
+COMPILE_HELP = "torch.compile each transformer block (regional compilation); BACKEND: inductor (default), aot_eager ..."
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (no usage dump), so every user error looks the same."""
 
@@ -104,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--bf16", action="store_true", help="run the transformer and text encoder in bfloat16")
     gen.add_argument("--weights", choices=WEIGHTS, help=WEIGHTS_HELP)
     gen.add_argument("--attention", metavar="BACKEND", help=ATTENTION_HELP)
+    gen.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND", help=COMPILE_HELP)
     gen.add_argument("--no-reference-cache", action="store_true", help="recompute the reference branch every step")
     gen.add_argument("--step-cache", metavar="KIND[:THRESHOLD]",
                      help="skip the blocks after the first at steps that barely change: first-block (threshold "
@@ -259,6 +263,7 @@ def _add_serve_command(sub) -> None:
     serve.add_argument("--bf16", action="store_true", help="run the transformer and text encoder in bfloat16")
     serve.add_argument("--weights", choices=WEIGHTS, help=WEIGHTS_HELP)
     serve.add_argument("--attention", metavar="BACKEND", help=ATTENTION_HELP)
+    serve.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND", help=COMPILE_HELP)
     serve.add_argument(
         "--max-upload-mb",
         type=float,
@@ -309,13 +314,15 @@ def _check_device(device: str) -> None:
 
 
 def _load_pipeline(model: Path | None, device: str, dtype=None, method: str | None = None, first_frames=False,
-                   weights: str | None = None, attention: str | None = None):  # fmt: skip
+                   weights: str | None = None, attention: str | None = None, compiler: str | None = None):  # fmt: skip
     """Check the device, quieten the libraries and load the pipeline (float32 unless ``dtype``; bfloat16 with
     ``weights``, then stored as those: ``precision.WEIGHTS``); ``first_frames``: the work ahead gives first
-    frames, so the model must have an image encoder. ``attention``: diffusers' backend (``attention_backends``)."""
+    frames, so the model must have an image encoder. ``attention``: diffusers' backend (``attention_backends``);
+    ``compiler``: torch.compile's backend for the blocks (``compilation``)."""
     import torch
 
     from .attention_backends import set_attention
+    from .compilation import compile_blocks
     from .pipeline import OmniTransferPipeline
     from .precision import apply_weights
 
@@ -327,6 +334,8 @@ def _load_pipeline(model: Path | None, device: str, dtype=None, method: str | No
         apply_weights(pipe.transformer, weights)
     if attention:
         set_attention(pipe.transformer, attention)
+    if compiler:
+        compile_blocks(pipe.transformer, compiler)
     if first_frames and pipe.image_encoder is None:
         raise InputError(f"{model}: no image_encoder (a text-to-video model), but first frames are given")
     return pipe
@@ -361,7 +370,7 @@ def _generate(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     dtype = torch.bfloat16 if args.bf16 else None
     pipe = _load_pipeline(args.model, args.device, dtype, args.method, args.image is not None, args.weights,
-                          args.attention)  # fmt: skip
+                          args.attention, args.compile)  # fmt: skip
     captions = args.ref_prompt + [""] * (len(refs) - len(args.ref_prompt))
     frames = pipe(
         references=[Reference(task, path, prompt) for (task, path), prompt in zip(refs, captions)],

@@ -249,6 +249,7 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     # What a transfer method needs from sampling, declared by its class (``methods.METHODS``):
     caches_references = True  # the reference branch is independent of the target: encode it once
     caches_steps = True  # its forward takes a ``step_cache`` (``step_cache.py``)
+    _repeated_blocks = ["OmniTransferBlock"]  # what ``compile_repeated_blocks`` compiles (``compilation.py``)
     reference_needs_first_frame = False  # VAP conditions each reference on its own first frame
     # Generation defaults where neither the call nor the model folder names one (``pipeline``):
     default_negative_prompt = ""

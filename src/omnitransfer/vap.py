@@ -168,6 +168,7 @@ class VAPTransformer(OmniTransferTransformer):
 
     caches_references = False  # references attend to the target
     caches_steps = False  # its forward runs joint blocks: no step cache yet
+    _repeated_blocks = ["VAPBlock"]
     reference_needs_first_frame = True  # each reference is conditioned on its own first frame
     default_negative_prompt = NEGATIVE_PROMPT  # the official pipeline's defaults
     default_reference_negative_prompt = NEGATIVE_PROMPT

@@ -314,9 +314,10 @@ def serve(args, load_pipeline) -> None:
     import torch
 
     pipe = load_pipeline(args.model, args.device, torch.bfloat16 if args.bf16 else None, args.method,
-                         weights=args.weights, attention=args.attention)  # fmt: skip
+                         weights=args.weights, attention=args.attention, compiler=args.compile)  # fmt: skip
     device = None if args.device == "cpu" else args.device
-    given = {"--model": args.model, "--weights": args.weights, "--attention": args.attention, "--device": device}
+    given = {"--model": args.model, "--weights": args.weights, "--attention": args.attention, "--compile": args.compile,
+             "--device": device}  # fmt: skip
     loading = [str(v) for option, value in given.items() if value is not None for v in (option, value)]
     loading += ["--bf16"] if args.bf16 else []
     with server_folder() as root:
