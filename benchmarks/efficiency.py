@@ -31,7 +31,9 @@ CONFIGS = {
     "14b": dict(arch=dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096,
                           image_dim=1280, added_kv_proj_dim=5120), latent=(16, 21, 60, 104), text=512, image=257),
 }  # fmt: skip
-METHODS = ("wan-i2v", "omnitransfer", "full-attention", "vap")
+# "+compile": the same method with its blocks compiled by torch.compile's inductor (``--compile``); its first
+# step and a first whole generation warm up (compile) and are not timed
+METHODS = ("wan-i2v", "omnitransfer", "omnitransfer+compile", "full-attention", "vap")
 
 
 def block_flops(q_tokens: int, kv_tokens: int, dim: int, ffn: int, context: int) -> float:
@@ -71,6 +73,8 @@ def run_method(method: str, cfg_name: str, steps: int, device: str, dtype: str) 
     from omnitransfer.transformer import OmniTransferTransformer
     from omnitransfer.vap import VAPTransformer
 
+    compiled = method.endswith("+compile")
+    method = method.removesuffix("+compile")
     cfg = CONFIGS[cfg_name]
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
@@ -86,6 +90,11 @@ def run_method(method: str, cfg_name: str, steps: int, device: str, dtype: str) 
         model = base
     z = cfg["latent"]
     a = cfg["arch"]
+
+    if compiled:
+        from omnitransfer.compilation import compile_blocks
+
+        compile_blocks(model, "inductor")
 
     def r(*shape):
         return torch.randn(*shape, device=device, dtype=dt)
@@ -113,12 +122,13 @@ def run_method(method: str, cfg_name: str, steps: int, device: str, dtype: str) 
             model(x, t, text, image.expand(2, -1, -1), **kw)
             sync()
             times.append(time.perf_counter() - start)
-        sync()
-        start = time.perf_counter()
-        denoise(model, noise, condition, text, image, refs, make_scheduler("unipc", 3.0), steps, 5.0,
-                use_reference_cache=method == "omnitransfer", progress=False)  # fmt: skip
-        sync()
-        generation = time.perf_counter() - start
+        for _ in range(2 if compiled else 1):  # the last one is timed
+            sync()
+            start = time.perf_counter()
+            denoise(model, noise, condition, text, image, refs, make_scheduler("unipc", 3.0), steps, 5.0,
+                    use_reference_cache=method == "omnitransfer", progress=False)  # fmt: skip
+            sync()
+            generation = time.perf_counter() - start
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss_peak
     return {"step": statistics.median(times[1:]), "generation": generation, "peak_bytes": peak}
@@ -155,7 +165,7 @@ def main() -> None:
     print("| method | step (s) | vs Wan I2V | vs full attention | FLOP floor vs Wan I2V | achieved GFLOP/s "
           "| generation (s) | peak memory (GiB) |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
     for method, res in results.items():
-        per_step, once = flops(method, cfg)
+        per_step, once = flops(method.removesuffix("+compile"), cfg)
         print(f"| {method} | {res['step']:.3f} | {res['step'] / base_step:.2f}x | {res['step'] / full_step:.2f}x "
               f"| {per_step / base_flops:.2f}x | {per_step / res['step'] / 1e9:.1f} | {res['generation']:.2f} "
               f"| {res['peak_bytes'] / 2**30:.2f} |")  # fmt: skip

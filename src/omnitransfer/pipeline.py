@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -219,6 +220,15 @@ class OmniTransferPipeline:
         return self.codec.encode(video), self.encode_image(clip_view)
 
     # ---- inputs -------------------------------------------------------------------------------------
+    def with_method(self, name: str) -> OmniTransferPipeline:
+        """This pipeline with method ``name``'s transformer over the same weights (shared, not copied): how the
+        full-attention baselines run on OmniTransfer weights (``methods.METHODS``; not VAP, whose expert is its
+        own)."""
+        variant = copy.copy(self)
+        variant.transformer = get_method(name).from_wan(self.transformer)
+        variant.method = get_method(name)
+        return variant
+
     def preprocess_rule(self, preprocess: str | None = None) -> str:
         """How a generation fits its inputs to the target (``video.PREPROCESS``): ``preprocess``, else the
         model folder's, else the method's own."""

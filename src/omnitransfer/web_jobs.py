@@ -9,7 +9,6 @@ rows, evenly spaced frames) and the command that makes the same video from the c
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import shlex
@@ -198,20 +197,12 @@ def method_pipelines(pipe, variants: bool = True) -> dict:
     full-attention baselines, which read the same weights differently. ``variants=False``: the loaded
     method only (low-precision weights live in hooks and tensor types of the loaded modules).
     """
-    from .methods import METHODS, get_method
+    from .methods import METHODS
 
     loaded = next(name for name, cls in METHODS.items() if type(pipe.transformer) is cls)
     if loaded == "vap" or not variants:
         return {loaded: pipe}
-    pipes = {}
-    for name in (n for n in METHODS if n != "vap"):
-        if name == loaded:
-            pipes[name] = pipe
-            continue
-        variant = copy.copy(pipe)
-        variant.transformer = get_method(name).from_wan(pipe.transformer)
-        pipes[name] = variant
-    return pipes
+    return {name: pipe if name == loaded else pipe.with_method(name) for name in METHODS if name != "vap"}
 
 
 @dataclass(frozen=True)
