@@ -87,3 +87,12 @@ def flagged_reference(task=None, frames=2, height=6, width=8, seed=5, batch=2):
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch, 16, frames, height, width, generator=g)
     return ReferenceInput(reference_input(latents, task), task, torch.randn(batch, 7, 32, generator=g))
+
+
+def sample_latents(pipe, sample, steps: int = 2) -> torch.Tensor:
+    """Final latents (float32) of ``pipe`` generating a synthetic ``sample``'s target from its reference, first
+    frame and prompt: what the speed and memory options are compared on."""
+    from omnitransfer.pipeline import Reference
+
+    return pipe(references=[Reference(sample.task, sample.reference)], image=sample.first_frame, prompt=sample.prompt,
+                num_inference_steps=steps, progress=False, output_type="latent").float()  # fmt: skip

@@ -3,34 +3,29 @@ device first, so a kernel this machine lacks stops in one line."""
 
 import pytest
 import torch
-from conftest import cli_here
+from conftest import cli_here, sample_latents
 
 from omnitransfer.attention_backends import set_attention
 from omnitransfer.errors import InputError
-from omnitransfer.pipeline import OmniTransferPipeline, Reference
+from omnitransfer.pipeline import OmniTransferPipeline
 from omnitransfer.synthetic import make_sample
 
 SAMPLE = make_sample("motion", "validation", 0)
 
 
-def latents(pipe) -> torch.Tensor:
-    return pipe(references=[Reference(SAMPLE.task, SAMPLE.reference)], image=SAMPLE.first_frame, prompt=SAMPLE.prompt,
-                num_inference_steps=2, progress=False, output_type="latent")  # fmt: skip
-
-
 def test_another_kernel_gives_the_same_generation_and_a_missing_one_stops_in_one_line():
     pipe = OmniTransferPipeline.from_pretrained()
-    plain = latents(pipe)
+    plain = sample_latents(pipe, SAMPLE)
     set_attention(pipe.transformer, "_native_math")  # PyTorch's reference kernel instead of its fused one
     assert pipe.transformer.blocks[0].attn1.processor._attention_backend == "_native_math"
-    torch.testing.assert_close(latents(pipe), plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sample_latents(pipe, SAMPLE), plain, atol=1e-5, rtol=1e-5)
     for name, reason in [("flash", "Please install `flash-attn"), ("_native_cudnn", "No viable backend"),
                          ("fast", "expected one of flash, ")]:  # fmt: skip
         with pytest.raises(InputError) as caught:
             set_attention(pipe.transformer, name)
         assert reason in str(caught.value) and "\n" not in str(caught.value) and "--attention" in str(caught.value)
     set_attention(pipe.transformer, "native")
-    assert torch.equal(latents(pipe), plain)
+    assert torch.equal(sample_latents(pipe, SAMPLE), plain)
 
 
 def test_the_command_line_names_the_kernel_it_cannot_use(tmp_path):

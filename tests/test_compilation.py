@@ -4,29 +4,24 @@ would compile without generating code (inductor itself: benchmarks/compile.py; 5
 
 import pytest
 import torch
-from conftest import cli_here
+from conftest import cli_here, sample_latents
 
 from omnitransfer.compilation import compile_blocks
 from omnitransfer.errors import InputError
-from omnitransfer.pipeline import OmniTransferPipeline, Reference
+from omnitransfer.pipeline import OmniTransferPipeline
 from omnitransfer.synthetic import make_sample
 from omnitransfer.video import save_png, save_video
 
 SAMPLE = make_sample("effect", "validation", 0)
 
 
-def latents(pipe) -> torch.Tensor:
-    return pipe(references=[Reference(SAMPLE.task, SAMPLE.reference)], image=SAMPLE.first_frame, prompt=SAMPLE.prompt,
-                num_inference_steps=2, progress=False, output_type="latent")  # fmt: skip
-
-
 def test_compiled_blocks_give_the_plain_generation():
     pipe = OmniTransferPipeline.from_pretrained()
-    plain = latents(pipe)
+    plain = sample_latents(pipe, SAMPLE)
     compile_blocks(pipe.transformer, "aot_eager")
     assert all(type(block).__name__ == "OmniTransferBlock" and block._compiled_call_impl is not None
                for block in pipe.transformer.blocks)  # fmt: skip
-    assert torch.equal(latents(pipe), plain)
+    assert torch.equal(sample_latents(pipe, SAMPLE), plain)
     for backend, message in [("nope", "expected a torch.compile backend"), ("tvm", "cannot compile on this machine")]:
         with pytest.raises(InputError, match=f"--compile '?{backend}'?: {message}"):
             compile_blocks(OmniTransferPipeline.from_pretrained().transformer, backend)

@@ -3,10 +3,10 @@ stays within a stated distance of the float32 generation, with the embedded mode
 
 import pytest
 import torch
-from conftest import cli_here
+from conftest import cli_here, sample_latents
 
 from omnitransfer.errors import InputError
-from omnitransfer.pipeline import OmniTransferPipeline, Reference
+from omnitransfer.pipeline import OmniTransferPipeline
 from omnitransfer.precision import apply_weights
 from omnitransfer.synthetic import make_sample
 from omnitransfer.video import save_png, save_video, video_info
@@ -17,14 +17,9 @@ SAMPLE = make_sample("camera", "validation", 0)
 BOUNDS = {"bf16": 0.03, "int8": 0.03, "fp8-storage": 0.08, "fp8": 0.08}
 
 
-def latents(pipe) -> torch.Tensor:
-    return pipe(references=[Reference(SAMPLE.task, SAMPLE.reference)], image=SAMPLE.first_frame, prompt=SAMPLE.prompt,
-                num_inference_steps=6, progress=False, output_type="latent").float()  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def full():
-    return latents(OmniTransferPipeline.from_pretrained())
+    return sample_latents(OmniTransferPipeline.from_pretrained(), SAMPLE, 6)
 
 
 @pytest.mark.parametrize("kind", list(BOUNDS))
@@ -36,7 +31,7 @@ def test_each_kind_stores_its_type_and_stays_near_float32(kind, full):
     stored = {"bf16": torch.bfloat16, "fp8-storage": fp8, "int8": torch.int8, "fp8": fp8}
     assert getattr(weight, "qdata", weight).dtype == stored[kind]  # torchao's tensors keep theirs in .qdata
     assert pipe.transformer.patch_embedding.weight.dtype == torch.bfloat16  # embeddings stay
-    distance = ((latents(pipe) - full).norm() / full.norm()).item()
+    distance = ((sample_latents(pipe, SAMPLE, 6) - full).norm() / full.norm()).item()
     assert distance < BOUNDS[kind], distance
 
 
