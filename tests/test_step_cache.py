@@ -23,6 +23,9 @@ def test_the_rule_reuses_the_last_computed_residual_row_by_row():
     far = x * 1.5
     cache(far, first, lambda h: h)  # 50 %: computed again, with the new residuals
     assert (cache.computed, cache.skipped) == (2, 1)
+    one_branch = far * torch.tensor([[1.0], [1.12]])  # the first branch still, the second 12 % off its own
+    cache(one_branch, first, rest)
+    assert (cache.computed, cache.skipped) == (3, 1)  # pooled over both branches (8 %) it would have skipped
     never = FirstBlockCache(threshold=0.0)
     for _ in range(3):
         never(x, first, rest)
