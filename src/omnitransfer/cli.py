@@ -23,17 +23,6 @@ from .training.prepare import DTYPES as PREPARE_DTYPES
 from .training.prepare import prepare
 from .video import PREPROCESS, check_num_frames, read_image, save_video, video_info
 
-WEIGHTS_HELP = (
-    "the transformer's weights: bf16, fp8-storage (float8, bfloat16 compute), int8 or fp8 (torchao "
-    "weight-only); bfloat16 compute, with the text encoder (as --bf16)"
-)
-
-
-ATTENTION_HELP = "diffusers' attention kernel: native (default), flash, _flash_3, sage, xformers, flex ..."
-
-
-COMPILE_HELP = "torch.compile each transformer block (regional compilation); BACKEND: inductor (default), aot_eager ..."
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (no usage dump), so every user error looks the same."""
@@ -49,6 +38,23 @@ def _reference(text: str) -> tuple[Task, Path]:
     if not path:
         raise InputError(f"--ref {text!r}: the path after '=' is empty")
     return Task.parse(task), Path(path)
+
+
+def _add_loading_options(parser: argparse.ArgumentParser) -> None:
+    """Where and how the model runs (``_load_pipeline``): the options ``generate`` and ``serve`` share."""
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--bf16", action="store_true", help="run the transformer and text encoder in bfloat16")
+    parser.add_argument("--weights", choices=WEIGHTS,
+                        help="the transformer's weights: bf16, fp8-storage (float8, bfloat16 compute), int8 or fp8 "
+                        "(torchao weight-only); bfloat16 compute, with the text encoder (as --bf16)")  # fmt: skip
+    parser.add_argument(
+        "--attention",
+        metavar="BACKEND",
+        help="diffusers' attention kernel: native (default), flash, _flash_3, sage, xformers, flex ...",
+    )
+    parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                        help="torch.compile each transformer block (regional compilation); BACKEND: inductor "
+                        "(default), aot_eager ...")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,11 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--flow-shift", type=float, help="flow shift of the noise schedule")
     gen.add_argument("--seed", type=seed, default=0)
     gen.add_argument("--fps", type=int, help="frame rate of the written video (model default otherwise)")
-    gen.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    gen.add_argument("--bf16", action="store_true", help="run the transformer and text encoder in bfloat16")
-    gen.add_argument("--weights", choices=WEIGHTS, help=WEIGHTS_HELP)
-    gen.add_argument("--attention", metavar="BACKEND", help=ATTENTION_HELP)
-    gen.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND", help=COMPILE_HELP)
+    _add_loading_options(gen)
     gen.add_argument("--no-reference-cache", action="store_true", help="recompute the reference branch every step")
     gen.add_argument("--step-cache", metavar="KIND[:THRESHOLD]",
                      help="skip the blocks after the first at steps that barely change: first-block (threshold "
@@ -259,11 +261,7 @@ def _add_serve_command(sub) -> None:
     serve.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
     serve.add_argument("--auth", metavar="USER:PASSWORD", help="ask for this user name and password")
     serve.add_argument("--root-path", help="the page's URL path behind a reverse proxy, e.g. /omnitransfer")
-    serve.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    serve.add_argument("--bf16", action="store_true", help="run the transformer and text encoder in bfloat16")
-    serve.add_argument("--weights", choices=WEIGHTS, help=WEIGHTS_HELP)
-    serve.add_argument("--attention", metavar="BACKEND", help=ATTENTION_HELP)
-    serve.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND", help=COMPILE_HELP)
+    _add_loading_options(serve)
     serve.add_argument(
         "--max-upload-mb",
         type=float,

@@ -26,13 +26,16 @@ SEPARATOR_VALUE = 255  # white lines
 NO_FIRST_FRAME = 128  # grey panel for appearance tasks
 
 
+def first_frame_panel(first_frame: np.ndarray | None, like: np.ndarray) -> np.ndarray:
+    """The first frame (H, W, 3) held still for as long as ``like`` (T, H, W, 3), or grey without one."""
+    if first_frame is None:
+        return np.full_like(like, NO_FIRST_FRAME)
+    return held_still(first_frame, len(like))
+
+
 def panels(sample: Sample, generated: np.ndarray) -> list[np.ndarray]:
     """The four (T, H, W, 3) uint8 videos of ``PANELS`` for one sample."""
-    if sample.first_frame is None:
-        first = np.full_like(sample.target, NO_FIRST_FRAME)
-    else:
-        first = held_still(sample.first_frame, len(sample.target))
-    return [sample.reference, first, generated, sample.target]
+    return [sample.reference, first_frame_panel(sample.first_frame, sample.target), generated, sample.target]
 
 
 def grid(cells: Sequence[Sequence[np.ndarray]], separator: int = SEPARATOR) -> np.ndarray:

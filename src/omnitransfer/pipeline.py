@@ -225,8 +225,8 @@ class OmniTransferPipeline:
         full-attention baselines run on OmniTransfer weights (``methods.METHODS``; not VAP, whose expert is its
         own)."""
         variant = copy.copy(self)
-        variant.transformer = get_method(name).from_wan(self.transformer)
         variant.method = get_method(name)
+        variant.transformer = variant.method.from_wan(self.transformer)
         return variant
 
     def preprocess_rule(self, preprocess: str | None = None) -> str:

@@ -1,6 +1,6 @@
-"""Low-precision transformer weights (``--weights``): less memory for the 33 GB of a 14B transformer.
+"""Low-precision transformer weights (``--weights``): less memory for a 14B transformer's 16.4 B parameters.
 
-- ``bf16``: bfloat16 weights and compute (16.4 GB at 14B).
+- ``bf16``: bfloat16 weights and compute (33 GB at 14B; the other kinds about half that).
 - ``fp8-storage``: float8 (e4m3) weights, cast to bfloat16 one layer at a time for compute: diffusers'
   layerwise casting, which leaves the embeddings, norms and modulation tables in bfloat16
   (``OmniTransferTransformer._skip_layerwise_casting_patterns``).
@@ -13,8 +13,6 @@ float32 modules, ``_keep_in_fp32_modules``, stay so), then ``apply_weights``.
 
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from .errors import InputError
@@ -29,20 +27,6 @@ def check_weights(kind: str, what: str = "--weights") -> str:
     if kind not in WEIGHTS:
         raise InputError(f"{what} {kind!r}: expected one of {', '.join(WEIGHTS)}")
     return kind
-
-
-@contextmanager
-def _quiet(*names: str):
-    """torchao's import logs the GPU kernels it cannot load on this machine: not the user's concern."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def _in_blocks(module: nn.Module, name: str) -> bool:
@@ -61,9 +45,8 @@ def apply_weights(transformer: nn.Module, kind: str) -> nn.Module:
     if kind == "fp8-storage":
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     elif kind in ("int8", "fp8"):
-        try:
-            with _quiet("torchao", "torch.utils._pytree"):
-                from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+        try:  # what it logs on import, the command line quiets (``cli._quiet_imports``)
+            from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
         except ImportError:
             raise InputError(f"--weights {kind} needs torchao: pip install 'omnitransfer[quantize]'") from None
         config = Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()

@@ -105,7 +105,7 @@ def denoise(
         cache = transformer.encode_references(cached, transformer.token_grid(noise))
     per_call = [r.tile(batch) for r in references]  # no cache: the same reference for each guidance branch
 
-    steps = {} if step_cache is None else {"step_cache": step_cache}
+    step_caching = {} if step_cache is None else {"step_cache": step_cache}  # only a class that caches_steps takes it
 
     def velocity(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         model_in = target_input(latents, condition.expand(batch, -1, -1, -1, -1)).to(dtype)
@@ -116,7 +116,7 @@ def denoise(
             image,
             references=None if cache is not None else per_call,
             reference_cache=cache,
-            **steps,
+            **step_caching,
         ).sample
 
     return sample(velocity, noise, scheduler, num_inference_steps, guidance_scale, progress, on_step)

@@ -217,17 +217,13 @@ class Result:
 def comparison_panels(pipe, form: Form, output: np.ndarray) -> list[np.ndarray]:
     """(T, H, W, 3) uint8 videos, left to right: each reference as the model saw it, the first frame held
     still (grey without one), the output."""
-    from .demo import NO_FIRST_FRAME
-    from .transfer_benchmark import held_still
+    from .demo import first_frame_panel
 
     t, h, w, _ = output.shape
     rule = pipe.preprocess_rule()
     refs = [load_video(video, t, h, w, rule) for _, video, _ in form.references]
-    if form.image is None:
-        first = np.full_like(output, NO_FIRST_FRAME)
-    else:
-        first = held_still(load_image(form.image, h, w, rule), t)
-    return [*refs, first, output]
+    first = None if form.image is None else load_image(form.image, h, w, rule)
+    return [*refs, first_frame_panel(first, output), output]
 
 
 @dataclass
