@@ -30,6 +30,32 @@ def torchrun(procs: int, *args, wait: bool = True):
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
 
 
+def kill_all(proc: subprocess.Popen, output: Path) -> None:
+    """SIGKILL torchrun and, at once, every worker writing to ``output``: torchrun starts each worker in a session
+    of its own, so killing torchrun's process group alone leaves them writing until they notice."""
+    workers = [
+        int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _cmdline_has(int(pid), str(output))
+    ]  # fmt: skip
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() and _cmdline_has(pid, str(output)) for pid in workers):
+        assert time.monotonic() < deadline, "the workers outlived SIGKILL"
+        time.sleep(0.01)
+
+
+def _cmdline_has(pid: int, text: str) -> bool:
+    try:
+        return text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return False
+
+
 def contents(cache: Path) -> dict:
     """Everything a cache holds: its index and every tensor of every file, by name."""
     found = {"index": json.loads((cache / "index.json").read_text())}
@@ -78,8 +104,7 @@ def test_a_killed_run_resumes_on_one_or_three_processes_without_rewriting_a_shar
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(killed.glob("shard-*")):
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, at once
-    proc.wait()
+    kill_all(proc, killed)
     written = {p.name: p.stat().st_ino for p in killed.glob("shard-*")}
     assert 1 <= len(written) < RECORDS and not (killed / "index.json").exists(), written
 

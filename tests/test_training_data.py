@@ -246,9 +246,9 @@ def _generation_inputs(pipe, **kw) -> dict:
 
     encode_refs = pipe.transformer.encode_references
 
-    def capture(refs, grid):
+    def capture(refs, grid, cache=None):
         seen["refs"] = refs
-        return encode_refs(refs, grid)
+        return encode_refs(refs, grid, cache)
 
     handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     pipe.transformer.encode_references = capture

@@ -72,9 +72,9 @@ def test_omnitransfer_keeps_the_caption_in_both_branches_unless_told(omni, monke
     seen = []
     original = omni.transformer.encode_references
 
-    def spy(references, grid):
+    def spy(references, grid, cache=None):
         seen.append([r.context.clone() for r in references])
-        return original(references, grid)
+        return original(references, grid, cache)
 
     monkeypatch.setattr(omni.transformer, "encode_references", spy)
     kw = dict(references=[Reference("camera", indexed_clip(), prompt="a pan")], image=indexed_clip()[0],

@@ -119,8 +119,8 @@ def test_bad_inputs_each_give_one_message_and_leave_no_files(server, session):
         ),
         "needs at least": fields(good, first, frames=4001, height=2048, width=2048),  # more memory than is here
         "step cache 'fast': expected first-block[:THRESHOLD]": fields(good, first, step_cache="fast"),
-        "FullAttentionTransformer has no step cache yet": fields(
-            good, first, method="full-attention", step_cache="first-block:0.1"
+        "step cache 'taylorseer:0': expected a whole number of steps of 1 or more": fields(
+            good, first, step_cache="taylorseer:0"
         ),
     }
     for message, values in cases.items():

@@ -23,6 +23,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from .joint_attention import JointBlock, Stream, joint_step
 from .positional_bias import reference_offsets
 from .rope import Grid
+from .step_cache import StepCache, run_blocks
 from .transformer import OmniTransferBlock, OmniTransferTransformer, ReferenceInput
 
 
@@ -37,7 +38,6 @@ class FullAttentionTransformer(OmniTransferTransformer):
 
     task_positional_bias = False
     caches_references = False  # references attend to the target
-    caches_steps = False  # its forward runs joint blocks: no step cache yet
     _repeated_blocks = ["JointBlock"]
 
     def _block_class(self, index: int) -> type[OmniTransferBlock]:
@@ -59,8 +59,9 @@ class FullAttentionTransformer(OmniTransferTransformer):
         references: Sequence[ReferenceInput] | None = None,
         reference_cache=None,
         return_dict: bool = True,
+        step_cache: StepCache | None = None,
     ):
-        """Velocity for the target tokens; arguments as ``OmniTransferTransformer.forward`` (no cache)."""
+        """Velocity for the target tokens; arguments as ``OmniTransferTransformer.forward`` (no reference cache)."""
         if reference_cache is not None:
             self.check_cacheable()
         grid = self.token_grid(hidden_states)
@@ -74,10 +75,14 @@ class FullAttentionTransformer(OmniTransferTransformer):
             streams.append(Stream(ref_x, ref_proj, ref_rope, ref_text))
 
         last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):  # the last block computes target outputs only
-            streams = joint_step(block, streams, 1 if i == last else None)
 
-        out = self._head(streams[0].hidden, temb, grid)
+        def blocks(streams: list[Stream], start: int, stop: int) -> list[Stream]:
+            for i in range(start, stop):  # the last block computes target outputs only
+                streams = joint_step(self.blocks[i], streams, 1 if i == last else None)
+            return streams
+
+        x = run_blocks(blocks, streams, len(self.blocks), lambda s: s[0].hidden, step_cache)
+        out = self._head(x, temb, grid)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 from .errors import InputError, InputWarning, PeerStopped, check_sampler, seed
 from .files import check_distinct, check_writable
 from .limits import check_command
+from .offload import MODES as OFFLOAD_MODES
 from .precision import WEIGHTS
+from .step_cache import DEFAULT_INTERVAL as DEFAULT_STEP_CACHE_INTERVAL
 from .step_cache import DEFAULT_THRESHOLD as DEFAULT_STEP_CACHE_THRESHOLD
 from .step_cache import parse as parse_step_cache
 from .synthetic.world import SPLITS
@@ -55,6 +57,10 @@ def _add_loading_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                         help="torch.compile each transformer block (regional compilation); BACKEND: inductor "
                         "(default), aot_eager ...")  # fmt: skip
+    parser.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
+                        help="keep the weights in CPU memory between uses: model (each component moves whole), "
+                        "group (the transformer's blocks stream one at a time, the reference cache waits in CPU "
+                        "memory), sequential (every layer streams: the least GPU memory)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,9 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fps", type=int, help="frame rate of the written video (model default otherwise)")
     _add_loading_options(gen)
     gen.add_argument("--no-reference-cache", action="store_true", help="recompute the reference branch every step")
-    gen.add_argument("--step-cache", metavar="KIND[:THRESHOLD]",
-                     help="skip the blocks after the first at steps that barely change: first-block (threshold "
-                     f"{DEFAULT_STEP_CACHE_THRESHOLD}) or first-block:0.05 (OmniTransfer; default: none)")  # fmt: skip
+    gen.add_argument("--step-cache", metavar="KIND[:VALUE]",
+                     help="skip the blocks after the first at some steps: first-block[:THRESHOLD] (reuse the last "
+                     f"residual where the first block barely changed; default {DEFAULT_STEP_CACHE_THRESHOLD}) or "
+                     f"taylorseer[:INTERVAL] (run them every INTERVAL steps, forecast in between; default "
+                     f"{DEFAULT_STEP_CACHE_INTERVAL}); default: none")  # fmt: skip
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--output", type=Path, required=True, help="the .mp4 to write")
     gen.set_defaults(run=_generate)
@@ -312,11 +320,13 @@ def _check_device(device: str) -> None:
 
 
 def _load_pipeline(model: Path | None, device: str, dtype=None, method: str | None = None, first_frames=False,
-                   weights: str | None = None, attention: str | None = None, compiler: str | None = None):  # fmt: skip
+                   weights: str | None = None, attention: str | None = None, compiler: str | None = None,
+                   offload: str = "none"):  # fmt: skip
     """Check the device, quieten the libraries and load the pipeline (float32 unless ``dtype``; bfloat16 with
     ``weights``, then stored as those: ``precision.WEIGHTS``); ``first_frames``: the work ahead gives first
     frames, so the model must have an image encoder. ``attention``: diffusers' backend (``attention_backends``);
-    ``compiler``: torch.compile's backend for the blocks (``compilation``)."""
+    ``compiler``: torch.compile's backend for the blocks (``compilation``); ``offload``: where the weights wait
+    between uses (``offload.MODES``: with offloading the model loads into CPU memory, never whole on the device)."""
     import torch
 
     from .attention_backends import set_attention
@@ -327,11 +337,12 @@ def _load_pipeline(model: Path | None, device: str, dtype=None, method: str | No
     _check_device(device)
     _quiet_libraries()
     dtype = torch.bfloat16 if weights else dtype or torch.float32
-    pipe = OmniTransferPipeline.from_pretrained(model, dtype, device, method=method)
+    pipe = OmniTransferPipeline.from_pretrained(model, dtype, "cpu" if offload != "none" else device, method=method)
     if weights:
         apply_weights(pipe.transformer, weights)
     if attention:
         set_attention(pipe.transformer, attention)
+    pipe.enable_offload(offload, device)
     if compiler:
         compile_blocks(pipe.transformer, compiler)
     if first_frames and pipe.image_encoder is None:
@@ -368,7 +379,7 @@ def _generate(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     dtype = torch.bfloat16 if args.bf16 else None
     pipe = _load_pipeline(args.model, args.device, dtype, args.method, args.image is not None, args.weights,
-                          args.attention, args.compile)  # fmt: skip
+                          args.attention, args.compile, args.offload)  # fmt: skip
     captions = args.ref_prompt + [""] * (len(refs) - len(args.ref_prompt))
     frames = pipe(
         references=[Reference(task, path, prompt) for (task, path), prompt in zip(refs, captions)],

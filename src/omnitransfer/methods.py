@@ -3,9 +3,9 @@
 Each class has ``from_wan(wan)`` and ``forward(hidden_states, timestep, encoder_hidden_states,
 encoder_hidden_states_image, references=[...]) -> .sample`` (velocity of the target only), so
 ``sampling.denoise`` drives any of them. Each class declares what sampling must do for it:
-``caches_references`` (only OmniTransfer can encode its references once for all steps),
-``caches_steps`` (whose forward takes a ``step_cache``) and ``reference_needs_first_frame`` (VAP
-conditions each reference on its own first frame).
+``caches_references`` (only OmniTransfer can encode its references once for all steps) and
+``reference_needs_first_frame`` (VAP conditions each reference on its own first frame). Every forward takes a
+``step_cache`` (``step_cache.py``).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from .files import read_document
 from .limits import ModelSizes, check_generation, check_settings, resolve
 from .methods import get_method, load_transformer
 from .model_folder import EMBEDDED_MODEL, Settings, find_alignment, find_component, resolved_settings
+from .offload import STREAMED, check_mode, moves_whole, onloaded, stream
 from .patch_codec import PatchCodec
 from .sampling import StepFn, denoise, make_scheduler
 from .step_cache import parse as parse_step_cache
@@ -87,6 +88,8 @@ class OmniTransferPipeline:
         self.image_processor = image_processor
         self.settings = Settings() if settings is None else settings
         self.folder: Path | None = None  # the model folder, which messages name its settings by
+        self.offload = "none"  # where the weights wait between uses (``offload.MODES``; ``enable_offload``)
+        self._device = self.text_encoder.device  # where the computation runs
 
     # ---- loading ------------------------------------------------------------------------------------
     @classmethod
@@ -156,15 +159,45 @@ class OmniTransferPipeline:
         pipe.folder = folder
         return pipe
 
+    def _modules(self) -> list[torch.nn.Module]:
+        found = (self.transformer, self.codec.module, self.text_encoder, self.image_encoder, self.alignment)
+        return [m for m in found if m is not None]
+
     def to(self, device: str | torch.device) -> OmniTransferPipeline:
-        for module in (self.transformer, self.codec.module, self.text_encoder, self.image_encoder, self.alignment):
-            if module is not None:
-                module.to(device)
+        if self.offload != "none":
+            raise ValueError(f"this pipeline offloads ({self.offload!r}): its components move by themselves")
+        for module in self._modules():
+            module.to(device)
+        self._device = torch.device(device)
         return self
+
+    def enable_offload(self, mode: str, device: str | torch.device | None = None) -> OmniTransferPipeline:
+        """Keep the weights in CPU memory between uses and compute on ``device`` (default: the pipeline's), as
+        ``mode`` says (``offload.MODES``: none, model, group, sequential). Once per pipeline."""
+        mode = check_mode(mode)
+        device = self._device if device is None else torch.device(device)
+        if mode == "none":
+            return self.to(device)
+        if self.offload != "none":
+            raise ValueError(f"this pipeline already offloads ({self.offload!r})")
+        for module in self._modules():
+            if moves_whole(mode, module is self.transformer):
+                module.to("cpu")
+            else:
+                stream(module, device, mode)
+        if mode in STREAMED and hasattr(self.codec.module, "enable_tiling"):
+            self.codec.module.enable_tiling()  # decoding in tiles bounds the VAE's activations
+        self.offload, self._device = mode, device
+        return self
+
+    def _onloaded(self, module: torch.nn.Module | None):
+        """A context with ``module`` on the device for its work (``offload.onloaded``)."""
+        return onloaded(module, self._device, moves_whole(self.offload, module is self.transformer))
 
     @property
     def device(self) -> torch.device:
-        return self.text_encoder.device
+        """Where the computation runs."""
+        return self._device
 
     # ---- encoders -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -186,20 +219,23 @@ class OmniTransferPipeline:
             return_tensors="pt",
         )
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
-        hidden = self.text_encoder(ids, mask).last_hidden_state
+        with self._onloaded(self.text_encoder):
+            hidden = self.text_encoder(ids, mask).last_hidden_state
         return hidden * mask.unsqueeze(-1).to(hidden.dtype), mask.sum(dim=1)  # Wan zeroes the padded positions
 
     @torch.no_grad()
     def encode_image(self, image: np.ndarray) -> torch.Tensor:
         """CLIP tokens (1, N, image_dim) of a uint8 image (H, W, 3): the penultimate layer, as in Wan."""
         pixels = self.image_processor(images=image, return_tensors="pt").pixel_values
-        out = self.image_encoder(pixels.to(self.image_encoder.device), output_hidden_states=True)
+        with self._onloaded(self.image_encoder):
+            out = self.image_encoder(pixels.to(self.device), output_hidden_states=True)
         return out.hidden_states[-2]
 
     @torch.no_grad()
     def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
         """Normalised latents (1, z, f, h, w) of uint8 frames (T, H, W, 3)."""
-        return self.codec.encode(to_unit_range(frames))
+        with self._onloaded(self.codec.module):
+            return self.codec.encode(to_unit_range(frames))
 
     @torch.no_grad()
     def encode_first_frame(
@@ -217,13 +253,17 @@ class OmniTransferPipeline:
         video = torch.zeros(1, 3, num_frames, height, width)
         video[:, :, :1] = to_unit_range(first[None])  # [first frame, zeros...]
         clip_view = load_image(image, None, None) if preprocess == "stretch" else first
-        return self.codec.encode(video), self.encode_image(clip_view)
+        with self._onloaded(self.codec.module):
+            latent = self.codec.encode(video)
+        return latent, self.encode_image(clip_view)
 
     # ---- inputs -------------------------------------------------------------------------------------
     def with_method(self, name: str) -> OmniTransferPipeline:
         """This pipeline with method ``name``'s transformer over the same weights (shared, not copied): how the
         full-attention baselines run on OmniTransfer weights (``methods.METHODS``; not VAP, whose expert is its
-        own)."""
+        own). Not under offloading, whose hooks and moves belong to the loaded modules."""
+        if self.offload != "none":
+            raise ValueError(f"method {name!r}: another method's view of the weights needs offload 'none'")
         variant = copy.copy(self)
         variant.method = get_method(name)
         variant.transformer = variant.method.from_wan(self.transformer)
@@ -285,9 +325,11 @@ class OmniTransferPipeline:
         request without reference (plain image-to-video, text-to-video) keeps UMT5's context."""
         if self.alignment is None or not tasks:
             return self.encode_text(prompts)
-        self.alignment.to(self.device)
-        contexts = [self.alignment.encode(tasks, videos, first_frame, p or None) for p in prompts]
-        if self.device.type != "cpu":
+        if self.offload == "none":
+            self.alignment.to(self.device)
+        with self._onloaded(self.alignment):
+            contexts = [self.alignment.encode(tasks, videos, first_frame, p or None) for p in prompts]
+        if self.offload == "none" and self.device.type != "cpu":
             self.alignment.offload()
         return torch.cat(contexts)
 
@@ -325,7 +367,7 @@ class OmniTransferPipeline:
         ``on_step(done, total)`` is called after each denoising step; an exception it raises stops the
         generation there (how the web page shows real progress and cancels). ``step_cache``:
         ``"first-block:THRESHOLD"`` skips the blocks after the first at steps that barely change
-        (``step_cache.py``; OmniTransfer only for now), None or "none" runs every block.
+        (``step_cache.py``), None or "none" runs every block.
         """
         if self.transformer is None:
             raise InputError("this pipeline was loaded without its transformer (with_transformer=False)")
@@ -350,16 +392,13 @@ class OmniTransferPipeline:
         check_sampler(shift, guidance)
         refs = [_as_reference(r) for r in references]
         steps_cache = parse_step_cache(step_cache)
-        if steps_cache is not None and not model.caches_steps:
-            name = type(model).__name__
-            raise InputError(f"step cache {step_cache!r}: {name} has no step cache yet (OmniTransferTransformer has)")
         check_generation(  # before anything is allocated
             ModelSizes.of_pipeline(self), named_frames, named_height, named_width, named_steps,
             resolve(None, "", s, self.folder, "text_max_length"),
             [(_first_given(r.num_frames, num_frames), _first_given(r.height, height), _first_given(r.width, width))
              for r in refs],
             guided=guidance > 1.0,
-            reference_cache=use_reference_cache and model.caches_references,
+            reference_cache=use_reference_cache and model.caches_references and self.offload not in STREAMED,
             device=self.device,
         )  # fmt: skip
         device, dtype = self.device, self.transformer.dtype
@@ -390,11 +429,13 @@ class OmniTransferPipeline:
         generator = torch.Generator("cpu").manual_seed(seed)
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
         solver = make_scheduler(scheduler or s.scheduler, shift)
-        latents = denoise(
-            self.transformer, noise, condition, text, image_tokens, refs, solver, steps, guidance,
-            use_reference_cache=use_reference_cache and self.transformer.caches_references, progress=progress,
-            on_step=on_step, step_cache=steps_cache,
-        )  # fmt: skip
+        with self._onloaded(self.transformer):
+            latents = denoise(
+                self.transformer, noise, condition, text, image_tokens, refs, solver, steps, guidance,
+                use_reference_cache=use_reference_cache and self.transformer.caches_references, progress=progress,
+                on_step=on_step, step_cache=steps_cache, offload_references=self.offload in STREAMED,
+            )  # fmt: skip
         if output_type == "latent":
             return latents
-        return to_uint8(self.codec.decode(latents))
+        with self._onloaded(self.codec.module):
+            return to_uint8(self.codec.decode(latents))

@@ -10,8 +10,9 @@ from tqdm.auto import tqdm
 
 from .conditioning import target_input
 from .errors import InputError
-from .step_cache import FirstBlockCache
-from .transformer import OmniTransferTransformer, ReferenceInput
+from .reference_offload import OffloadedReferenceCache
+from .step_cache import StepCache
+from .transformer import OmniTransferTransformer, ReferenceCache, ReferenceInput
 
 SCHEDULERS = ("unipc", "euler")
 
@@ -80,7 +81,8 @@ def denoise(
     progress: bool = True,
     dtype: torch.dtype | None = None,
     on_step: StepFn | None = None,
-    step_cache: FirstBlockCache | None = None,
+    step_cache: StepCache | None = None,
+    offload_references: bool = False,
 ) -> torch.Tensor:
     """OmniTransfer sampling of one target: latents (1, z, f, h, w) from noise of that shape.
 
@@ -88,10 +90,11 @@ def denoise(
     [prompt; negative prompt] with guidance; image_tokens: (1, N, D') or None. A reference's context is
     (1, L, D), its caption for both guidance branches, or (2, L, D), [caption; negative caption]. With the
     cache, the reference branch runs once for the whole generation (for both branches at once when some
-    reference has two captions); without it, at every call (as under FSDP,
-    where only ``forward`` gathers the weights). ``dtype``: of the model's inputs (default: the
-    transformer's; FSDP's bf16 compute over fp32 master weights needs it said). ``step_cache``: a fresh
-    one for this generation (``step_cache.parse``), for a transformer that ``caches_steps``.
+    reference has two captions: the cache is filled by the first call, inside ``forward``); without it, at
+    every call. ``dtype``: of the model's inputs (default: the transformer's; FSDP's bf16 compute over fp32
+    master weights needs it said). ``step_cache``: a fresh one for this generation (``step_cache.parse``).
+    ``offload_references``: keep the cached layers in CPU memory between steps, each brought back one block
+    ahead (``reference_offload.OffloadedReferenceCache``).
     """
     device, dtype = noise.device, dtype or transformer.dtype
     batch = text.shape[0]
@@ -99,13 +102,13 @@ def denoise(
     image = None if image_tokens is None else image_tokens.to(dtype).expand(batch, -1, -1)
     references = [r.to(dtype) for r in references]
     cache = None
-    if references and use_reference_cache:
-        branches = max(r.context.shape[0] for r in references)  # 2: some reference has a negative caption
-        cached = [r.tile(branches) for r in references]
-        cache = transformer.encode_references(cached, transformer.token_grid(noise))
     per_call = [r.tile(batch) for r in references]  # no cache: the same reference for each guidance branch
-
-    step_caching = {} if step_cache is None else {"step_cache": step_cache}  # only a class that caches_steps takes it
+    if references and use_reference_cache:
+        transformer.check_cacheable()
+        branches = max(r.context.shape[0] for r in references)  # 2: some reference has a negative caption
+        per_call = [r.tile(branches) for r in references]  # encoded once, at the first call
+        grid = transformer.token_grid(noise)
+        cache = OffloadedReferenceCache(grid, device) if offload_references else ReferenceCache(grid)
 
     def velocity(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         model_in = target_input(latents, condition.expand(batch, -1, -1, -1, -1)).to(dtype)
@@ -114,9 +117,9 @@ def denoise(
             t.expand(batch).to(device),
             text,
             image,
-            references=None if cache is not None else per_call,
+            references=per_call,
             reference_cache=cache,
-            **step_caching,
+            step_cache=step_cache,
         ).sample
 
     return sample(velocity, noise, scheduler, num_inference_steps, guidance_scale, progress, on_step)

@@ -39,7 +39,7 @@ from diffusers.models.transformers.transformer_wan import (
 from .conditioning import reference_input
 from .positional_bias import reference_offsets
 from .rope import Grid, apply_rotary, rope_tables
-from .step_cache import FirstBlockCache
+from .step_cache import StepCache, run_blocks
 from .tasks import Task
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, S, heads, head_dim), rotated keys
@@ -68,7 +68,10 @@ class ReferenceInput:
 
 @dataclass
 class ReferenceCache:
-    """Per-layer keys/values of all references, concatenated along the sequence: reused at every step."""
+    """Per-layer keys/values of all references, concatenated along the sequence: reused at every step.
+
+    Filled once (``OmniTransferTransformer.encode_references``: one ``append`` per block), then read one block at
+    a time (``layer``); a subclass may keep the layers elsewhere between reads (``offload.py``)."""
 
     target_grid: Grid
     kv: list[KV] = field(default_factory=list)  # one (keys, values) per block, each (B, S_ref, heads, head_dim)
@@ -76,6 +79,14 @@ class ReferenceCache:
     @property
     def num_tokens(self) -> int:
         return self.kv[0][0].shape[1] if self.kv else 0
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store the next block's keys and values, each (B, S_ref, heads, head_dim)."""
+        self.kv.append((keys, values))
+
+    def layer(self, index: int) -> KV:
+        """Block ``index``'s keys and values, where that block computes."""
+        return self.kv[index]
 
 
 def tile_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -248,7 +259,6 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     # What a transfer method needs from sampling, declared by its class (``methods.METHODS``):
     caches_references = True  # the reference branch is independent of the target: encode it once
-    caches_steps = True  # its forward takes a ``step_cache`` (``step_cache.py``)
     _repeated_blocks = ["OmniTransferBlock"]  # what ``compile_repeated_blocks`` compiles (``compilation.py``)
     reference_needs_first_frame = False  # VAP conditions each reference on its own first frame
     # Generation defaults where neither the call nor the model folder names one (``pipeline``):
@@ -336,17 +346,22 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return x, proj.unflatten(1, (6, -1)), self._rope(grid, offset, x.device), text
 
     # ---- reference branch -----------------------------------------------------------------------------
-    def encode_references(self, references: Sequence[ReferenceInput], target_grid: Grid) -> ReferenceCache:
-        """Run every reference through the blocks at timestep 0 and keep each layer's keys/values.
+    def encode_references(
+        self, references: Sequence[ReferenceInput], target_grid: Grid, cache: ReferenceCache | None = None
+    ) -> ReferenceCache:
+        """Run every reference through the blocks at timestep 0 and keep each layer's keys/values, in ``cache``
+        (an empty one, for ``target_grid``) or a new one.
 
         Each reference attends only to itself; its RoPE positions are offset by the task rule so that
         it sits beside (temporal tasks) or after (appearance tasks) a target of ``target_grid``.
         """
         self.check_cacheable()
+        cache = ReferenceCache(target_grid=tuple(target_grid)) if cache is None else cache
+        if cache.kv or cache.target_grid != tuple(target_grid):
+            raise ValueError(f"expected an empty reference cache for target grid {tuple(target_grid)}")
         grids = [self.token_grid(r.latents) for r in references]
         offsets = reference_offsets([r.task for r in references], target_grid, grids)
         streams = [self._reference_stream(ref, grid, offset) for ref, grid, offset in zip(references, grids, offsets)]
-        cache = ReferenceCache(target_grid=tuple(target_grid))
         for i, block in enumerate(self.blocks):  # block-major: each layer's keys/values exist once
             layer = []
             for j, (x, proj, rope, text) in enumerate(streams):
@@ -354,7 +369,7 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 streams[j] = (x, proj, rope, text)
                 layer.append(kv)
             keys, values = zip(*layer)
-            cache.kv.append((keys[0], values[0]) if len(layer) == 1 else (torch.cat(keys, 1), torch.cat(values, 1)))
+            cache.append(*((keys[0], values[0]) if len(layer) == 1 else (torch.cat(keys, 1), torch.cat(values, 1))))
         return cache
 
     # ---- target branch --------------------------------------------------------------------------------
@@ -367,19 +382,21 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         references: Sequence[ReferenceInput] | None = None,
         reference_cache: ReferenceCache | None = None,
         return_dict: bool = True,
-        step_cache: FirstBlockCache | None = None,
+        step_cache: StepCache | None = None,
     ):
         """Velocity for the target tokens.
 
         hidden_states: (B, 2z + 4, F, H, W) target input; timestep: (B,) or per-token (B, f*h*w);
         encoder_hidden_states: (B, L, text_dim) prompt; encoder_hidden_states_image: (B, N, image_dim)
-        CLIP tokens of the first frame or None. References are given either as inputs (encoded here)
-        or as a cache from ``encode_references``. ``step_cache``: this generation's (``step_cache.py``), which
-        may skip every block after the first at this step.
+        CLIP tokens of the first frame or None. References are given as inputs (encoded here at every call), as a
+        cache from ``encode_references``, or as both: an empty cache is then filled here at the first call and
+        read at the next (so the reference branch runs inside ``forward``, where offloading and FSDP hooks make
+        the weights present). ``step_cache``: this generation's (``step_cache.py``), which may skip every block
+        after the first at this step.
         """
         grid = self.token_grid(hidden_states)
-        if references and reference_cache is None:
-            reference_cache = self.encode_references(references, grid)
+        if references and (reference_cache is None or not reference_cache.kv):
+            reference_cache = self.encode_references(references, grid, reference_cache)
         if reference_cache is not None and reference_cache.target_grid != grid:
             raise ValueError(f"reference cache built for target grid {reference_cache.target_grid}, got {grid}")
 
@@ -390,15 +407,10 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         def blocks(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
             for i in range(start, stop):
-                extra = reference_cache.kv[i] if reference_cache is not None and reference_cache.kv else None
+                extra = reference_cache.layer(i) if reference_cache is not None and reference_cache.kv else None
                 x, _ = self.blocks[i](x, proj, rope, text, image, extra_kv=extra)
             return x
 
-        layers = len(self.blocks)
-        if step_cache is None:
-            x = blocks(x, 0, layers)
-        else:
-            x = step_cache(x, lambda h: blocks(h, 0, 1), lambda h: blocks(h, 1, layers))
-
+        x = run_blocks(blocks, x, len(self.blocks), lambda h: h, step_cache)
         out = self._head(x, temb, grid)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)

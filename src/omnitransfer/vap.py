@@ -59,6 +59,7 @@ from .conditioning import target_condition, target_input
 from .errors import InputError
 from .joint_attention import EXPERT_SUFFIX, JointBlock, Stream, joint_step
 from .rope import Grid
+from .step_cache import StepCache, run_blocks
 from .transformer import OmniTransferBlock, OmniTransferTransformer, ReferenceInput
 
 # The official pipeline's default negative prompt, for the target and the reference alike (Video-As-Prompt's
@@ -167,7 +168,6 @@ class VAPTransformer(OmniTransferTransformer):
     """
 
     caches_references = False  # references attend to the target
-    caches_steps = False  # its forward runs joint blocks: no step cache yet
     _repeated_blocks = ["VAPBlock"]
     reference_needs_first_frame = True  # each reference is conditioned on its own first frame
     default_negative_prompt = NEGATIVE_PROMPT  # the official pipeline's defaults
@@ -286,8 +286,9 @@ class VAPTransformer(OmniTransferTransformer):
         references: Sequence[ReferenceInput] | None = None,
         reference_cache=None,
         return_dict: bool = True,
+        step_cache: StepCache | None = None,
     ):
-        """Velocity for the target tokens; arguments as ``OmniTransferTransformer.forward`` (no cache).
+        """Velocity for the target tokens; arguments as ``OmniTransferTransformer.forward`` (no reference cache).
 
         References are ``VAPReference`` (or any ``ReferenceInput``: without ``image`` the reference's
         image cross-attention is skipped); their batch may divide the target's.
@@ -302,11 +303,16 @@ class VAPTransformer(OmniTransferTransformer):
         references = self._reference_streams(references or [], x.shape[0])
         last_expert = self.expert_blocks[-1] if self.expert_blocks else -1
 
-        for i, block in enumerate(self.blocks):
-            if i in self.expert_blocks:  # joint attention; after the last expert block the references end
-                target, *references = joint_step(block, [target, *references], 1 if i == last_expert else None)
-            else:  # the target alone; the references pass unchanged
-                target = target._replace(hidden=block(target.hidden, proj, target.rope, text, image)[0])
+        def blocks(streams: list[Stream], start: int, stop: int) -> list[Stream]:
+            target, *references = streams
+            for i in range(start, stop):
+                block = self.blocks[i]
+                if i in self.expert_blocks:  # joint attention; after the last expert block the references end
+                    target, *references = joint_step(block, [target, *references], 1 if i == last_expert else None)
+                else:  # the target alone; the references pass unchanged
+                    target = target._replace(hidden=block(target.hidden, proj, target.rope, text, image)[0])
+            return [target, *references]
 
-        out = self._head(target.hidden, temb, grid)
+        x = run_blocks(blocks, [target, *references], len(self.blocks), lambda s: s[0].hidden, step_cache)
+        out = self._head(x, temb, grid)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)

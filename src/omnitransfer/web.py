@@ -39,7 +39,7 @@ SAMPLE_PROMPTS = {  # the samples' captions are the clips' own; these prompts de
     Task.CAMERA: "the camera moves through the scene",
     Task.MOTION: "the person moves like the reference",
 }
-STEP_CACHES = ["none", "first-block", "first-block:0.05", "first-block:0.2"]  # first-block: its default
+STEP_CACHES = ["none", "first-block", "first-block:0.05", "first-block:0.2", "taylorseer", "taylorseer:3"]
 TASK_CHOICES = [(f"{task.value} ({task.family.value})", task.value) for task in Task]
 FAMILIES = (
     "**Appearance tasks** (id, style) carry the reference's look: the target follows the prompt. "
@@ -219,8 +219,8 @@ def build_app(page: Page, examples: Sequence[list] = (), session_hours: float = 
                         scheduler = gr.Dropdown(["unipc", "euler"], value=s.scheduler, label="solver")
                         cache = gr.Checkbox(True, label="reference cache (OmniTransfer: encode references once)")
                     step_cache = gr.Dropdown(STEP_CACHES, value="none", allow_custom_value=True,
-                                             label="step cache (OmniTransfer: skip blocks at steps that barely "
-                                             "change; KIND[:THRESHOLD])")  # fmt: skip
+                                             label="step cache (skip blocks at steps whose work can be "
+                                             "reused; first-block[:THRESHOLD], taylorseer[:INTERVAL])")  # fmt: skip
                 with gr.Row():
                     run = gr.Button("generate", variant="primary", elem_id="generate")
                     stop = gr.Button("cancel", variant="stop", elem_id="cancel")

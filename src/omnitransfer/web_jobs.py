@@ -195,12 +195,13 @@ def method_pipelines(pipe, variants: bool = True) -> dict:
 
     A VAP model serves VAP only (its expert is its own); any other serves OmniTransfer and the two
     full-attention baselines, which read the same weights differently. ``variants=False``: the loaded
-    method only (low-precision weights live in hooks and tensor types of the loaded modules).
+    method only (low-precision weights live in hooks and tensor types of the loaded modules); so with
+    offloading, whose hooks and moves belong to the loaded modules.
     """
     from .methods import METHODS
 
     loaded = next(name for name, cls in METHODS.items() if type(pipe.transformer) is cls)
-    if loaded == "vap" or not variants:
+    if loaded == "vap" or not variants or pipe.offload != "none":
         return {loaded: pipe}
     return {name: pipe if name == loaded else pipe.with_method(name) for name in METHODS if name != "vap"}
 
