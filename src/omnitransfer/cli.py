@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import InputError, InputWarning, PeerStopped, check_sampler, seed
 from .files import check_distinct, check_writable
-from .limits import check_command
+from .limits import check_command, folder_sizes
 from .offload import MODES as OFFLOAD_MODES
 from .precision import WEIGHTS
 from .step_cache import DEFAULT_INTERVAL as DEFAULT_STEP_CACHE_INTERVAL
@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                      f"residual where the first block barely changed; default {DEFAULT_STEP_CACHE_THRESHOLD}) or "
                      f"taylorseer[:INTERVAL] (run them every INTERVAL steps, forecast in between; default "
                      f"{DEFAULT_STEP_CACHE_INTERVAL}); default: none")  # fmt: skip
+    gen.add_argument("--ulysses", type=int, default=1, metavar="U",
+                     help="split every token sequence over U processes, attention by Ulysses all-to-all (under "
+                     "torchrun --nproc_per_node=U x R; each process its own GPU; rank 0 writes the video)")  # fmt: skip
+    gen.add_argument("--ring", type=int, default=1, metavar="R",
+                     help="... and over R processes by Ring attention (needs an --attention kernel that returns "
+                     "log-sum-exp, e.g. flash or _native_cudnn)")  # fmt: skip
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--output", type=Path, required=True, help="the .mp4 to write")
     gen.set_defaults(run=_generate)
@@ -351,7 +357,38 @@ def _load_pipeline(model: Path | None, device: str, dtype=None, method: str | No
 
 
 def _generate(args: argparse.Namespace) -> None:
-    """Check every input (cheaply) before the model loads, generate, then write the video atomically."""
+    """Check every input (cheaply) before the model loads, generate, then write the video atomically; with
+    ``--ulysses``/``--ring``, on every process torchrun started, the first writing the video."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    parallel = args.ulysses * args.ring > 1 or world_size > 1
+    try:
+        refs = _check_generation(args, world_size if parallel else None)
+    except InputError:
+        if int(os.environ.get("RANK", "0")) > 0:  # every process checks the same inputs: the first one says it
+            raise PeerStopped("the first process said why") from None
+        raise
+    if not parallel:
+        _run_generation(args, refs)
+        return
+    from .training.parallelize import close_world, init_world, together
+
+    world = init_world()
+    try:
+        with together(world):
+            _run_generation(args, refs, world)
+    finally:
+        close_world()
+
+
+def _check_generation(args: argparse.Namespace, world_size: int | None) -> list[tuple[Task, Path]]:
+    """``generate``'s inputs, checked before anything loads (``world_size``: the processes of a context-parallel
+    run, else None); its references as (task, path)."""
+    from .context_parallel import check_degrees
+
+    if world_size is not None:
+        check_degrees(args.ulysses, args.ring, world_size, folder_sizes(args.model).heads or None, args.attention)
+        if args.offload != "none":
+            raise InputError(f"--offload {args.offload}: not with --ulysses/--ring (each GPU holds its own copy)")
     refs = [_reference(r) for r in args.ref]
     for _, path in refs:
         video_info(path)  # opens it and decodes one frame
@@ -371,15 +408,23 @@ def _generate(args: argparse.Namespace) -> None:
         raise InputError(f"--fps {args.fps}: expected a positive frame rate")
     check_command(args.model, args.frames, args.height, args.width, args.steps, len(refs), args.guidance,
                   dtype_bytes=2 if args.bf16 or args.weights else 4, device=args.device)  # fmt: skip
+    return refs
 
+
+def _run_generation(args: argparse.Namespace, refs: list[tuple[Task, Path]], world=None) -> None:
+    """Load, generate and write (``world``: this process's place in a context-parallel run, else None)."""
     import torch  # the heavy imports, once the inputs are known to be usable
 
     from .pipeline import Reference
 
     start = time.perf_counter()
     dtype = torch.bfloat16 if args.bf16 else None
-    pipe = _load_pipeline(args.model, args.device, dtype, args.method, args.image is not None, args.weights,
+    device = args.device if world is None or args.device == "cpu" else str(world.device)  # cuda: LOCAL_RANK's GPU
+    pipe = _load_pipeline(args.model, device, dtype, args.method, args.image is not None, args.weights,
                           args.attention, args.compile, args.offload)  # fmt: skip
+    if world is not None:
+        pipe.enable_context_parallel(args.ulysses, args.ring)
+    main = world is None or world.is_main
     captions = args.ref_prompt + [""] * (len(refs) - len(args.ref_prompt))
     frames = pipe(
         references=[Reference(task, path, prompt) for (task, path), prompt in zip(refs, captions)],
@@ -395,11 +440,13 @@ def _generate(args: argparse.Namespace) -> None:
         scheduler=args.scheduler,
         flow_shift=args.flow_shift,
         use_reference_cache=not args.no_reference_cache,
-        progress=not args.quiet,
+        progress=not args.quiet and main,
         reference_negative_prompt=args.ref_negative_prompt,
         preprocess=args.preprocess,
         step_cache=args.step_cache,
     )
+    if not main:  # every process holds the same frames
+        return
     save_video(frames, args.output, fps=args.fps or pipe.settings.fps)
     t, h, w, _ = frames.shape
     print(f"wrote {args.output} ({t} frames, {w}x{h}) in {time.perf_counter() - start:.1f} s")

@@ -53,7 +53,7 @@ class JointBlock(OmniTransferBlock):
         q = torch.cat([q for q, _, _ in qkv[:n]], dim=1)  # (B, S_1 + ... + S_n, heads, head_dim)
         k = torch.cat([k for _, k, _ in qkv], dim=1)  # (B, S_1 + ... + S_all, heads, head_dim)
         v = torch.cat([v for _, _, v in qkv], dim=1)
-        attended = self._attend(q, k, v, self.attn1.processor._attention_backend)  # (B, S_1 + ... + S_n, D)
+        attended = self._self_attend(q, k, v)  # (B, S_1 + ... + S_n, D)
         parts = attended.split([s.hidden.shape[1] for s in streams[:n]], dim=1)
         return [
             self._after_attention(s.hidden, a, m, s.text, s.image, x)

@@ -66,6 +66,7 @@ class ModelSizes:
     temporal_factor: int = 4  # frames per latent frame (after the first)
     patch: tuple[int, int, int] = (1, 2, 2)  # latents per token (frames, height, width)
     hidden: int = 0  # the transformer's width (heads x head_dim)
+    heads: int = 0  # its attention heads
     ffn: int = 0  # its feed-forward width
     layers: int = 0
     text_heads: int = 0  # the text encoder's attention heads
@@ -90,7 +91,8 @@ class ModelSizes:
         if pipe.transformer is not None:
             config = pipe.transformer.config
             sizes |= dict(hidden=config.num_attention_heads * config.attention_head_dim, ffn=config.ffn_dim,
-                          layers=config.num_layers, dtype_bytes=pipe.transformer.dtype.itemsize)  # fmt: skip
+                          layers=config.num_layers, dtype_bytes=pipe.transformer.dtype.itemsize,
+                          heads=config.num_attention_heads)  # fmt: skip
         return cls(**sizes)
 
     @classmethod
@@ -113,6 +115,7 @@ class ModelSizes:
                 temporal_factor=int(vae.get("temporal_factor", vae.get("scale_factor_temporal", 4))),
                 patch=tuple(int(p) for p in transformer.get("patch_size", (1, 2, 2))),
                 hidden=int(transformer.get("num_attention_heads", 0)) * int(transformer.get("attention_head_dim", 0)),
+                heads=int(transformer.get("num_attention_heads", 0)),
                 ffn=int(transformer.get("ffn_dim", 0)),
                 layers=int(transformer.get("num_layers", 0)),
                 text_heads=int(text.get("num_heads", 0)),
@@ -289,6 +292,13 @@ def _folder(model: str | Path | None) -> Path | None:
 
     folder = Path(model) if model is not None else EMBEDDED_MODEL
     return folder if folder.is_dir() else None  # loading reports a missing folder
+
+
+def folder_sizes(model: str | Path | None) -> ModelSizes:
+    """The sizes a command's model folder states (the embedded model when None), before it loads; all unknown
+    when there is no folder to read (loading reports that)."""
+    folder = _folder(model)
+    return ModelSizes.of_folder(folder) if folder is not None else ModelSizes()
 
 
 def check_command(

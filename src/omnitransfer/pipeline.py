@@ -89,6 +89,7 @@ class OmniTransferPipeline:
         self.settings = Settings() if settings is None else settings
         self.folder: Path | None = None  # the model folder, which messages name its settings by
         self.offload = "none"  # where the weights wait between uses (``offload.MODES``; ``enable_offload``)
+        self.context_parallel: tuple[int, int] | None = None  # (ulysses, ring) (``enable_context_parallel``)
         self._device = self.text_encoder.device  # where the computation runs
 
     # ---- loading ------------------------------------------------------------------------------------
@@ -180,6 +181,8 @@ class OmniTransferPipeline:
             return self.to(device)
         if self.offload != "none":
             raise ValueError(f"this pipeline already offloads ({self.offload!r})")
+        if self.context_parallel is not None:
+            raise InputError(f"offload {mode!r}: not with context parallelism (each GPU holds its own copy)")
         for module in self._modules():
             if moves_whole(mode, module is self.transformer):
                 module.to("cpu")
@@ -188,6 +191,24 @@ class OmniTransferPipeline:
         if mode in STREAMED and hasattr(self.codec.module, "enable_tiling"):
             self.codec.module.enable_tiling()  # decoding in tiles bounds the VAE's activations
         self.offload, self._device = mode, device
+        return self
+
+    def enable_context_parallel(self, ulysses: int = 1, ring: int = 1) -> OmniTransferPipeline:
+        """Split the transformer's token sequences over ``ulysses`` x ``ring`` processes: the whole default process
+        group (torchrun), each process computing on this pipeline's device (``context_parallel.py``). Every
+        process then runs the same generation; all get the same frames."""
+        from .context_parallel import check_degrees, enable
+
+        if not torch.distributed.is_initialized():
+            raise ValueError("context parallelism needs the process group (torchrun) initialized first")
+        if self.offload != "none":
+            raise InputError(f"--ulysses/--ring: not with offload {self.offload!r}")
+        processor = self.transformer.blocks[0].attn1.processor
+        backend = getattr(processor, "_attention_backend", None)
+        check_degrees(ulysses, ring, torch.distributed.get_world_size(), self.transformer.config.num_attention_heads,
+                      getattr(backend, "value", backend))  # fmt: skip
+        enable(self.transformer, ulysses, ring)
+        self.context_parallel = (ulysses, ring)
         return self
 
     def _onloaded(self, module: torch.nn.Module | None):
@@ -262,8 +283,9 @@ class OmniTransferPipeline:
         """This pipeline with method ``name``'s transformer over the same weights (shared, not copied): how the
         full-attention baselines run on OmniTransfer weights (``methods.METHODS``; not VAP, whose expert is its
         own). Not under offloading, whose hooks and moves belong to the loaded modules."""
-        if self.offload != "none":
-            raise ValueError(f"method {name!r}: another method's view of the weights needs offload 'none'")
+        if self.offload != "none" or self.context_parallel is not None:
+            raise ValueError(f"method {name!r}: another method's view of the weights needs neither offloading nor "
+                             "context parallelism, whose hooks belong to the loaded modules")  # fmt: skip
         variant = copy.copy(self)
         variant.method = get_method(name)
         variant.transformer = variant.method.from_wan(self.transformer)
@@ -392,6 +414,8 @@ class OmniTransferPipeline:
         check_sampler(shift, guidance)
         refs = [_as_reference(r) for r in references]
         steps_cache = parse_step_cache(step_cache)
+        if self.context_parallel is not None and hasattr(steps_cache, "split_tokens"):
+            steps_cache.split_tokens = True  # every process decides on all the tokens, so all skip alike
         check_generation(  # before anything is allocated
             ModelSizes.of_pipeline(self), named_frames, named_height, named_width, named_steps,
             resolve(None, "", s, self.folder, "text_max_length"),

@@ -59,6 +59,19 @@ def rope_tables(
     return _tables(head_dim, tuple(grid), tuple(offset), float(theta), str(torch.device(device or "cpu")))
 
 
+class RotaryTables(torch.nn.Module):
+    """``rope_tables`` as a module (no parameters), so that hooks see each sequence's tables: context parallelism
+    splits them along the sequence like the tokens (``context_parallel.py``)."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.head_dim = head_dim
+
+    def forward(self, grid: Grid, offset: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (1, f*h*w, 1, head_dim) of a grid's tokens at ``offset``."""
+        return rope_tables(self.head_dim, grid, offset, device=device)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved channel pairs of x (B, S, H, D) by the angles in cos/sin (1, S, 1, D)."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D/2) each: even and odd channels

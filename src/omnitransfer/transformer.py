@@ -38,7 +38,7 @@ from diffusers.models.transformers.transformer_wan import (
 
 from .conditioning import reference_input
 from .positional_bias import reference_offsets
-from .rope import Grid, apply_rotary, rope_tables
+from .rope import Grid, RotaryTables, apply_rotary
 from .step_cache import StepCache, run_blocks
 from .tasks import Task
 
@@ -117,9 +117,19 @@ class OmniTransferBlock(WanTransformerBlock):
             return tuple(m.squeeze(2) for m in (table.unsqueeze(0) + temb.float()).chunk(6, dim=2))
         return (table + temb.float()).chunk(6, dim=1)  # (B, 6, D) -> six (B, 1, D)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend) -> torch.Tensor:
-        out = dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, backend=backend)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend, parallel=None) -> torch.Tensor:
+        """Attention of q over k, v (B, S, heads, head_dim) -> (B, S, D); ``parallel``: diffusers' parallel config
+        of a self-attention whose sequences are split over processes (``context_parallel.py``), else None."""
+        out = dispatch_attention_fn(
+            q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, backend=backend, parallel_config=parallel
+        )
         return out.flatten(2, 3).type_as(q)  # (B, S, heads, head_dim) -> (B, S, D)
+
+    def _self_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Self-attention (B, S, heads, head_dim) -> (B, S, D): across the processes' shards of the sequences when
+        context parallelism set its config on the processor (cross-attention stays local: its tokens are whole)."""
+        processor = self.attn1.processor
+        return self._attend(q, k, v, processor._attention_backend, getattr(processor, "_parallel_config", None))
 
     def _cross_attention(
         self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None, suffix: str = ""
@@ -194,7 +204,7 @@ class OmniTransferBlock(WanTransformerBlock):
             batch = q.shape[0]
             keys = torch.cat([k, tile_batch(extra_kv[0], batch)], dim=1)  # (B, S + S_ref, heads, head_dim)
             values = torch.cat([v, tile_batch(extra_kv[1], batch)], dim=1)
-        attended = self._attend(q, keys, values, self.attn1.processor._attention_backend)
+        attended = self._self_attend(q, keys, values)
         return self._after_attention(hidden_states, attended, modulation, text, image), (k, v)
 
 
@@ -233,6 +243,11 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
         self.patch_embedding = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        # Every token sequence (target, references) leaves patchify through ``tokens`` and gets its rotary tables
+        # from ``rope``: the seams where context parallelism splits the sequences (``context_parallel.py``).
+        # Neither has parameters: the state dict stays Wan's.
+        self.tokens = nn.Identity()
+        self.rope = RotaryTables(attention_head_dim)
         self.condition_embedder = WanTimeTextImageEmbedding(
             dim=dim,
             time_freq_dim=freq_dim,
@@ -300,11 +315,11 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return f // p_t, h // p_h, w // p_w
 
     def _rope(self, grid: Grid, offset: Grid, device) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_tables(self.config.attention_head_dim, grid, offset, device=device)
+        return self.rope(tuple(grid), tuple(offset), device)
 
     def _patchify(self, latents: torch.Tensor, embedding: nn.Conv3d | None = None) -> torch.Tensor:
         x = (self.patch_embedding if embedding is None else embedding)(latents)  # (B, D, f, h, w)
-        return x.flatten(2).transpose(1, 2).contiguous()  # (B, f*h*w, D), frame-major
+        return self.tokens(x.flatten(2).transpose(1, 2).contiguous())  # (B, f*h*w, D), frame-major
 
     def _unpatchify(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         p_t, p_h, p_w = self.config.patch_size
