@@ -15,6 +15,11 @@ The peak is the larger of that and the encoding phase (UMT5 whole with none/mode
 largest leaf, the 256k-token embedding). The activations are ``limits.generation_bytes``: one block's working
 set over all tokens with both guidance branches, the pixels and the text encoder's attention (a lower bound:
 the attention kernel's workspace and the VAE's decoding, which group and sequential tile, are not in it).
+
+A second table: per GPU of a context-parallel generation (``--ulysses N``, no offloading) on 1, 2, 4, 8 GPUs.
+Every GPU holds all the weights; the token sequences, so the reference cache and the activations, are split N
+ways (Ulysses' all-to-all trades a sequence shard of every head for the whole sequence of 1/N of the heads:
+the same size).
 """
 
 from __future__ import annotations
@@ -102,6 +107,21 @@ def main() -> None:
         "\n(encoders + VAE: those on the GPU while the transformer denoises with none; otherwise the encoding "
         "phase's own peak, UMT5 whole or its largest leaf, which the peak takes when it is larger)"
     )
+
+    print("\nper GPU, context parallelism (--ulysses N), --offload none; GiB\n")
+    header = ["GPUs", "--weights", "reference cache", "weights", "reference K/V", "activations", "per GPU"]
+    print("| " + " | ".join(header + [f"fits {c} GiB" for c in CARDS]) + " |")
+    print("|" + "---|" * (len(header) + len(CARDS)))
+    for gpus in (1, 2, 4, 8):
+        for kind, (linear_bytes, rest_bytes) in WEIGHTS.items():
+            for cache in (True, False):
+                weights = linear * linear_bytes + rest * rest_bytes + sum(encoders.values())
+                parts = [weights, kv / gpus if cache else 0, activations / gpus]
+                total = sum(parts)
+                fits = ["yes" if total <= c * GIB else "no" for c in CARDS]
+                cells = [str(gpus), kind, "on" if cache else "off", *[f"{p / GIB:.1f}" for p in parts],
+                         f"**{total / GIB:.1f}**"]  # fmt: skip
+                print("| " + " | ".join(cells + fits) + " |")
 
 
 if __name__ == "__main__":
