@@ -67,15 +67,16 @@ def main() -> None:
     from omnitransfer.training.memory import GIB, estimate
 
     print(f"machine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}\n")
-    header = "| GPUs | weights+grads+AdamW | working blocks | activations | block recompute | total (GiB) |"
+    header = "| GPUs | context parallel | weights+grads+AdamW | working blocks | activations | block recompute "
+    header += "| total (GiB) |"
     for frames, latent_frames in ((81, 21), (49, 13)):
         tokens = latent_frames * 30 * 52
         print(f"Wan2.1-I2V-14B, 480x832, {frames} frames ({tokens} tokens), one same-size reference, micro-batch 1, "
-              "bf16 compute, fp32 master weights, FSDP + activation checkpointing")  # fmt: skip
-        print(header + "\n|---|---|---|---|---|---|")
-        for gpus in (8, 64):
-            est = estimate(WAN_14B, gpus, target_tokens=tokens, reference_tokens=tokens)
-            print(f"| {gpus} | " + " | ".join(est.row()) + " |")
+              "bf16 compute, fp32 master weights, FSDP (+ context parallelism) + activation checkpointing")  # fmt: skip
+        print(header + "\n|---|---|---|---|---|---|---|")
+        for gpus, cp in ((8, 1), (8, 2), (8, 4), (8, 8), (64, 1), (64, 4), (64, 8)):
+            est = estimate(WAN_14B, gpus, target_tokens=tokens, reference_tokens=tokens, cp=cp)
+            print(f"| {gpus} | {cp if cp > 1 else 'none'} | " + " | ".join(est.row()) + " |")
         print()
 
     # glibc's dynamic mmap threshold keeps freed large blocks in the heap; a fixed threshold makes the

@@ -114,6 +114,27 @@ def test_two_processes_match_one(cache, one_process, tmp_path, strategy):
     assert torch.equal(a["patch_embedding.weight"], before["patch_embedding.weight"])  # stage "dit": blocks only
 
 
+@pytest.mark.parametrize("procs", [2, 4])
+def test_context_parallel_processes_match_one(cache, one_process, tmp_path, procs):
+    """parallel.ulysses: 2 splits each sample's tokens over two processes: alone (one data rank of 2 micro-batches),
+    then with FSDP over four (two data ranks of one micro-batch each), the same global batch as one process."""
+    one, one_run = one_process
+    split = train(cache, tmp_path / "cp", *ONE_PROCESS_SETS, "parallel.ulysses=2", "parallel.strategy=fsdp",
+                  procs=procs)  # fmt: skip
+    assert split.returncode == 0, split.stderr[-2000:]
+    np.testing.assert_allclose(losses(one.stdout), losses(split.stdout), rtol=1e-5)
+    a, b = weights(one_run), weights(tmp_path / "cp")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_context_parallelism_the_processes_cannot_hold_stops_in_one_line(cache, tmp_path):
+    alone = train_here(cache, tmp_path / "run", "parallel.ulysses=2")  # one process for cp 2
+    assert alone.returncode == 2 and alone.stderr.count("\n") == 1
+    assert "parallel.ulysses x parallel.ring = 2 does not divide the 1 processes" in alone.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_killed_run_resumes_bitwise(cache, tmp_path):
     sets = ("stages=[{name: dit, steps: 6, trainable: blocks}, {name: joint, steps: 6, trainable: all}]",
             "checkpoint_every=2", "ema_decay=0.9")  # fmt: skip
@@ -395,6 +416,7 @@ def test_fsdp_bf16_with_checkpointing_ema_and_validation(cache, one_process, tmp
         ("stages=[{steps: 5}]", r"stages\[0\]: missing key 'name'"),
         ("stages=[{name: a, steps: abc}]", r"stages\[0\]\.steps: expected an integer"),
         ("optim.lr=[1", "not valid YAML"),
+        ("parallel.ulysses=0", "parallel.ulysses: expected a whole number of processes, 1 or more"),
     ],
 )
 def test_bad_config_values_are_refused_naming_their_key(override, message):

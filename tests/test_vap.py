@@ -165,7 +165,7 @@ def test_temporally_biased_rope_and_reference_timestep(monkeypatch):
 
     keys, raw_keys, timesteps = [], [], []
     original = block._attend
-    monkeypatch.setattr(block, "_attend", lambda q, k, v, backend: keys.append(k) or original(q, k, v, backend))
+    monkeypatch.setattr(block, "_attend", lambda q, k, v, *rest: keys.append(k) or original(q, k, v, *rest))
     block.attn1_mot_ref.norm_k.register_forward_hook(lambda m, a, out: raw_keys.append(out))
     model.condition_embedder_mot_ref.register_forward_pre_hook(lambda m, args: timesteps.append(args[0]))
     with torch.no_grad():

@@ -31,22 +31,25 @@ if TYPE_CHECKING:  # the command line checks the degrees before torch loads
 RING_KERNELS = ("flash", "flash_hub", "_flash_3_hub", "_native_cudnn", "_native_flash", "sage", "sage_hub")
 
 
-def check_degrees(ulysses: int, ring: int, world_size: int, heads: int | None = None, attention: str | None = None):
-    """One line (InputError) unless ``ulysses`` x ``ring`` processes split ``heads`` attention heads over a world
-    of ``world_size``, with an attention kernel Ring can use; what ``--ulysses`` / ``--ring`` need."""
-    for name, degree in (("--ulysses", ulysses), ("--ring", ring)):
+def check_degrees(
+    ulysses: int, ring: int, world_size: int | None, heads: int | None = None, attention: str | None = None,
+    names: tuple[str, str] = ("--ulysses", "--ring"),
+) -> None:  # fmt: skip
+    """One line (InputError, naming the inputs ``names``) unless ``ulysses`` x ``ring`` processes split ``heads``
+    attention heads over a world of ``world_size`` (None: not checked), with an attention kernel Ring can use."""
+    for name, degree in zip(names, (ulysses, ring)):
         if degree < 1:
             raise InputError(f"{name} {degree}: expected 1 or more processes")
-    if ulysses * ring != world_size:
+    if world_size is not None and ulysses * ring != world_size:
         raise InputError(
-            f"--ulysses {ulysses} x --ring {ring} = {ulysses * ring} processes, but {world_size} were started "
+            f"{names[0]} {ulysses} x {names[1]} {ring} = {ulysses * ring} processes, but {world_size} were started "
             f"(torchrun --nproc_per_node={ulysses * ring} ...)"
         )
     if heads is not None and heads % ulysses:
-        raise InputError(f"--ulysses {ulysses}: the model's {heads} attention heads do not divide by it")
+        raise InputError(f"{names[0]} {ulysses}: the model's {heads} attention heads do not divide by it")
     if ring > 1 and (attention or "native") not in RING_KERNELS:
         raise InputError(
-            f"--ring {ring}: attention kernel {attention or 'native'!r} returns no log-sum-exp; "
+            f"{names[1]} {ring}: attention kernel {attention or 'native'!r} returns no log-sum-exp; "
             f"use --attention with one of {', '.join(RING_KERNELS)}"
         )
 
@@ -81,12 +84,16 @@ def _one_device_per_process_on_cpu():
         torch.accelerator.device_count = count
 
 
-def enable(transformer: torch.nn.Module, ulysses: int, ring: int) -> None:
-    """Split ``transformer``'s sequences over ``ulysses`` x ``ring`` processes of the initialized process group."""
+def enable(transformer: torch.nn.Module, ulysses: int, ring: int, mesh=None, any_length: bool = True) -> None:
+    """Split ``transformer``'s sequences over ``ulysses`` x ``ring`` processes of the initialized process group;
+    ``mesh``: a device mesh with "ring" and "ulysses" dimensions among others (training's data dimension),
+    else one over every process. ``any_length``: sequences of any length split (diffusers' "anything" modes,
+    with Ulysses or Ring alone), which have no backward pass; without it every length must divide by U x R."""
     from diffusers import ContextParallelConfig
 
     config = ContextParallelConfig(
-        ulysses_degree=ulysses, ring_degree=ring, ulysses_anything=ring == 1, ring_anything=ulysses == 1
-    )
+        ulysses_degree=ulysses, ring_degree=ring, ulysses_anything=any_length and ring == 1,
+        ring_anything=any_length and ulysses == 1, mesh=mesh,
+    )  # fmt: skip
     with _one_device_per_process_on_cpu():
         transformer.enable_parallelism(config=config, cp_plan=cp_plan())

@@ -129,7 +129,14 @@ class OmniTransferBlock(WanTransformerBlock):
         """Self-attention (B, S, heads, head_dim) -> (B, S, D): across the processes' shards of the sequences when
         context parallelism set its config on the processor (cross-attention stays local: its tokens are whole)."""
         processor = self.attn1.processor
-        return self._attend(q, k, v, processor._attention_backend, getattr(processor, "_parallel_config", None))
+        parallel = getattr(processor, "_parallel_config", None)
+        queries = q.shape[1]
+        if parallel is not None and torch.is_grad_enabled() and queries != k.shape[1]:
+            # diffusers 0.42's Ulysses backward assumes as many queries as keys: give it zero queries for the
+            # extra keys (the references') and drop their rows; the other rows and every gradient are unchanged
+            pad = q.new_zeros(q.shape[0], k.shape[1] - queries, *q.shape[2:])
+            return self._attend(torch.cat([q, pad], 1), k, v, processor._attention_backend, parallel)[:, :queries]
+        return self._attend(q, k, v, processor._attention_backend, parallel)
 
     def _cross_attention(
         self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None, suffix: str = ""

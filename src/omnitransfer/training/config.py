@@ -67,6 +67,10 @@ class Parallel:
     strategy: str = "auto"  # "auto" (fsdp on several processes, none on one), "fsdp", "ddp", "none"
     mixed_precision: str = "fp32"  # "bf16": bf16 compute, fp32 master weights and gradient reduction
     activation_checkpointing: bool = False
+    # context parallelism: each sample's token sequences split over ulysses x ring processes (``context_parallel``),
+    # which then share one data-parallel rank; FSDP or DDP spans all processes
+    ulysses: int = 1
+    ring: int = 1
 
 
 @dataclass
@@ -272,6 +276,10 @@ def _check(config: TrainConfig, where: str) -> TrainConfig:
         raise InputError(f"{where}.parallel.strategy: {config.parallel.strategy!r} is not auto, fsdp, ddp or none")
     if config.parallel.mixed_precision not in ("fp32", "bf16"):
         raise InputError(f"{where}.parallel.mixed_precision: expected fp32 or bf16")
+    for key in ("ulysses", "ring"):
+        value = getattr(config.parallel, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{where}.parallel.{key}: expected a whole number of processes, 1 or more")
     if config.alignment is not None:
         if config.alignment.dtype not in MLLM_DTYPES:
             raise InputError(f"{where}.alignment.dtype: {config.alignment.dtype!r} is not one of {MLLM_DTYPES}")

@@ -12,6 +12,10 @@ checkpointing per block and a micro-batch of B samples:
   (about 24 hidden-size tensors per token -- norms, modulations, q/k/v before and after their norms
   and rotation, attention and projection outputs, cross-attention -- and two FFN-size ones), plus the
   target's keys/values concatenated with the reference's; attention itself is a fused kernel (O(S)).
+
+With context parallelism over ``cp`` GPUs (``parallel.ulysses`` x ``parallel.ring``) every token sequence is
+split cp ways, so are the activations and the recomputation (Ulysses' all-to-all trades a sequence shard of
+every head for the whole sequence of 1/cp of the heads: the same size); the states stay sharded over all GPUs.
 """
 
 from __future__ import annotations
@@ -56,13 +60,14 @@ def estimate(
     compute_bytes: int = 2,
     master_bytes: int = 4,
     prefetch: int = 1,
+    cp: int = 1,
 ) -> MemoryEstimate:
     total, per_block = parameter_counts(architecture)
     dim = architecture["num_attention_heads"] * architecture["attention_head_dim"]
     blocks, ffn = architecture["num_layers"], architecture["ffn_dim"]
     states = total * (master_bytes * 2 + 8) / num_gpus  # weights, gradients (master dtype), AdamW m and v (fp32)
     working = per_block * compute_bytes * (1 + prefetch) + per_block * master_bytes
-    s_t, s_r = target_tokens, reference_tokens
+    s_t, s_r = target_tokens / cp, reference_tokens / cp  # each GPU's share of every sequence
     activations = blocks * micro_batch * dim * (s_t + 3 * s_r) * compute_bytes
     recompute = micro_batch * (max(s_t, s_r) * (2 * ffn + 24 * dim) + 2 * (s_t + s_r) * dim) * compute_bytes
     return MemoryEstimate(states, working, activations, recompute)

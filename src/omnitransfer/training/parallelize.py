@@ -5,7 +5,10 @@ One code path from one CPU process to N GPUs x M nodes: processes come from torc
 - FSDP (``fully_shard``): one unit per transformer block plus the root, optional bf16 compute with
   fp32 master weights and fp32 gradient reduction;
 - DDP: replicated weights, bf16 through autocast when asked;
-- activation checkpointing: each block wrapped with ``checkpoint_wrapper``.
+- activation checkpointing: each block wrapped with ``checkpoint_wrapper``;
+- context parallelism (``parallel.ulysses`` x ``parallel.ring`` = cp): each sample's token sequences split over cp
+  processes by diffusers' context parallelism (``context_parallel.py``), on a (data, ring, ulysses) mesh; the cp
+  processes of one data rank read the same samples, FSDP or DDP spans every process.
 """
 
 from __future__ import annotations
@@ -31,10 +34,20 @@ class World:
     rank: int
     size: int
     device: torch.device
+    cp: int = 1  # processes that split each sample's sequences (context parallelism) and share one data rank
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Which share of the global batch this process reads (the mesh is (data, ring, ulysses), row-major)."""
+        return self.rank // self.cp
+
+    @property
+    def data_size(self) -> int:
+        return self.size // self.cp
 
 
 def init_world() -> World:
@@ -59,8 +72,16 @@ def strategy_for(parallel: Parallel, world: World) -> str:
 
 
 def parallelize(model: torch.nn.Module, parallel: Parallel, world: World) -> torch.nn.Module:
-    """Activation checkpointing, then FSDP or DDP, over ``model.blocks`` and the root."""
+    """Context parallelism, activation checkpointing, then FSDP or DDP, over ``model.blocks`` and the root."""
     model.to(world.device)
+    if world.cp > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from ..context_parallel import enable
+
+        shape = (world.data_size, parallel.ring, parallel.ulysses)
+        mesh = init_device_mesh(world.device.type, shape, mesh_dim_names=("data", "ring", "ulysses"))
+        enable(model, parallel.ulysses, parallel.ring, mesh, any_length=False)  # diffusers: backward for these only
     if parallel.activation_checkpointing:
         for i, block in enumerate(model.blocks):
             model.blocks[i] = checkpoint_wrapper(block)

@@ -16,6 +16,7 @@ import yaml
 
 from ..codecs import load_codec, to_uint8
 from ..conditioning import target_condition
+from ..context_parallel import check_degrees
 from ..errors import InputError
 from ..files import FolderLock, check_distinct, remove_temporaries
 from ..methods import get_method, load_transformer
@@ -183,11 +184,23 @@ class Trainer:
             [self.cache.signature(i) for i in range(len(self.cache))], config.global_batch, config.seed
         )
         self.world = init_world()
-        if config.global_batch % self.world.size:
-            raise InputError(f"global_batch {config.global_batch} is not divisible by {self.world.size} processes")
+        self.world.cp = config.parallel.ulysses * config.parallel.ring
+        if self.world.size % self.world.cp:
+            raise InputError(
+                f"parallel.ulysses x parallel.ring = {self.world.cp} does not divide the {self.world.size} processes"
+            )
+        if config.global_batch % self.world.data_size:
+            raise InputError(
+                f"global_batch {config.global_batch} is not divisible by {self.world.data_size} data-parallel ranks"
+            )
         self.end = min(config.total_steps, max_steps) if max_steps is not None else config.total_steps
 
         plain = starting_transformer(config)
+        if self.world.cp > 1:  # training chooses no attention kernel: PyTorch's SDPA, which Ring cannot use
+            names = ("parallel.ulysses", "parallel.ring")
+            check_degrees(config.parallel.ulysses, config.parallel.ring, None, plain.config.num_attention_heads,
+                          names=names)  # fmt: skip
+            self._check_split(plain)
         self.alignment = aligning.build_alignment(config, plain.config.text_dim)
         self.use_prefix = False
         if self.alignment is not None:  # replicated on every process, whatever the DiT's strategy
@@ -209,6 +222,20 @@ class Trainer:
         self.logger = Logger(self.output, self.world)
         self.history: list[tuple[int, float]] = []  # (step, loss) of every step of this run
         self._codec = None  # the VAE for validation videos, loaded at the first validation
+
+    def _check_split(self, model: OmniTransferTransformer) -> None:
+        """One line unless every cached sequence (targets, references) splits evenly over the cp processes:
+        diffusers' context parallelism has a backward pass for even splits only."""
+        cp = self.world.cp
+        for i in range(len(self.cache)):
+            _, target, references, _ = self.cache.signature(i)
+            for shape in (target, *references):  # latent shapes (z, f, h, w)
+                tokens = math.prod(model.token_grid(torch.empty(1, *shape, device="meta")))
+                if tokens % cp:
+                    raise InputError(
+                        f"{self.config.data}: sample {i} has a sequence of {tokens} tokens (latent {list(shape)}), "
+                        f"which does not split over parallel.ulysses x parallel.ring = {cp} processes"
+                    )
 
     def _hold_output(self) -> FolderLock | None:
         """The main process's exclusive hold on the run folder (every process stops if another program
@@ -253,8 +280,11 @@ class Trainer:
         dit_optimizer, alignment_optimizer = optimizers
         model = self.model if dit_optimizer is not None else unwrap(self.model)  # a frozen DiT: no DDP reduction
         indices = self.plan.batch(step)
-        per_rank = len(indices) // world.size
-        mine = list(range(world.rank * per_rank, (world.rank + 1) * per_rank))  # positions in the global batch
+        per_rank = len(indices) // world.data_size
+        start = world.data_rank * per_rank
+        mine = list(
+            range(start, start + per_rank)
+        )  # positions in the global batch (alike on a data rank's cp processes)
         chunks = [mine[i : i + config.micro_batch] for i in range(0, per_rank, config.micro_batch)]
         null = self.cache.null_prompt.to(world.device)
         timesteps = config.timesteps if stage.shift is None else replace(config.timesteps, shift=stage.shift)
@@ -268,7 +298,9 @@ class Trainer:
                     model, batch, null, timesteps, config.prompt_dropout, config.seed, step,
                     input_dtype(config.parallel, world), self._context(stage, batch),
                 )  # fmt: skip
-                (loss * len(chunk) / per_rank).backward()
+                # FSDP/DDP average the gradients over every process, but each of a data rank's cp processes holds
+                # only its tokens' share of the gradient of that rank's (whole, gathered) loss: their shares add up
+                (loss * len(chunk) / per_rank * world.cp).backward()
             total += loss.item() * len(chunk) / per_rank
         aligner_params = _params(alignment_optimizer)
         aligning.average_gradients(aligner_params, world)
@@ -280,7 +312,7 @@ class Trainer:
         for ema in (self.ema, self.alignment_ema):
             if ema is not None:
                 ema.update()
-        return {"loss": all_mean(total, world), "grad_norm": float(grad_norm), "tokens": tokens * world.size}
+        return {"loss": all_mean(total, world), "grad_norm": float(grad_norm), "tokens": tokens * world.data_size}
 
     # -- the loop -------------------------------------------------------------------------------------
     def run(self) -> Path | None:
