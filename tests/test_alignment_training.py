@@ -269,7 +269,7 @@ def test_mismatches_stop_with_one_line(world, whole, tmp_path):
         check_cache(bf16, whole.alignment, world["cache"])
     # resuming with ema_decay turned on: the checkpoints hold no averages
     shutil.copytree(whole.output / "checkpoints", tmp_path / "ema" / "checkpoints")
-    with pytest.raises(InputError, match=r"step-00000004: holds no ema.safetensors .*ema_decay"):
+    with pytest.raises(InputError, match=r"step-00000004: holds no EMA .*ema_decay"):
         Trainer(_config(world, STAGES, LORA, "ema_decay=0.9"), tmp_path / "ema", resume=True).run()
     with pytest.raises(InputError, match="holds a trained alignment module"):  # a section and a trained module
         Trainer(_config(world, f"model={whole.output / 'model'}"), tmp_path / "b")

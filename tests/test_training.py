@@ -67,10 +67,13 @@ def train(cache: Path, output: Path, *sets: str, procs: int = 1, resume: bool = 
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
 
 
-def train_here(cache: Path, output: Path, *sets: str, resume: bool = False) -> subprocess.CompletedProcess:
+def train_here(
+    cache: Path, output: Path, *sets: str, resume: bool = False, max_steps: int | None = None
+) -> subprocess.CompletedProcess:
     """`train` through the CLI's entry point in this process (`conftest.cli_here`)."""
     args = ["train", "--config", TOY, "--output", output, "--set", f"data={cache}", "--set", "log_every=1"]
     args += ["--resume"] if resume else []
+    args += ["--max-steps", max_steps] if max_steps is not None else []
     for s in sets:
         args += ["--set", s]
     return cli_here(*args)
@@ -84,6 +87,14 @@ def losses(stdout: str) -> list[float]:
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "model" / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def saved_state(checkpoint: Path, scratch: Path) -> dict:
+    """A sharded checkpoint's whole state ({"model": ..., "optimizer": ..., "ema": ...}), read in this process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(checkpoint / "state", scratch / "whole-state.pt")
+    return torch.load(scratch / "whole-state.pt")
 
 
 ONE_PROCESS_SETS = ("stages=[{name: dit, steps: 3, trainable: blocks}]", "micro_batch=2")
@@ -163,6 +174,42 @@ def test_killed_run_resumes_bitwise(cache, tmp_path):
     # resuming a finished run trains nothing and exports the same weights (never the starting ones)
     assert train_here(cache, run, *sets, resume=True).returncode == 0
     assert all(torch.equal(a[k], weights(run)[k]) for k in a)
+
+
+def test_a_sharded_checkpoint_resumes_on_the_same_or_another_number_of_processes(cache, tmp_path):
+    """Two FSDP processes write their shards (no process gathers the model); the checkpoint of step 2 resumes on
+    two processes bitwise as if uninterrupted, and on one process from exactly the saved weights."""
+    sets = ("stages=[{name: dit, steps: 4, trainable: blocks}]", "checkpoint_every=2", "keep_checkpoints=2",
+            "parallel.strategy=fsdp", "ema_decay=0.9")  # fmt: skip
+    whole = train(cache, tmp_path / "whole", *sets, procs=2)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    saved = tmp_path / "whole" / "checkpoints" / "step-00000002"
+    assert not list(saved.glob("*.safetensors")) and len(list((saved / "state").glob("*.distcp"))) == 2
+    at_step_2 = saved_state(saved, tmp_path)
+
+    def from_step_2(name: str) -> Path:
+        run = tmp_path / name
+        shutil.copytree(tmp_path / "whole", run)
+        shutil.rmtree(run / "checkpoints" / "step-00000004")
+        shutil.rmtree(run / "model")
+        return run
+
+    same = train(cache, from_step_2("same"), *sets, resume=True, procs=2)
+    assert same.returncode == 0, same.stderr[-2000:]
+    final = weights(tmp_path / "whole")
+    assert all(torch.equal(final[k], weights(tmp_path / "same")[k]) for k in final)
+    assert losses(same.stdout) == losses(whole.stdout)[-2:]
+
+    one = train_here(cache, from_step_2("one"), *sets[:-2], "parallel.strategy=none", "ema_decay=0.9", resume=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    np.testing.assert_allclose(losses(one.stdout), losses(whole.stdout)[-2:], rtol=1e-5)
+    for name, value in weights(tmp_path / "one").items():
+        torch.testing.assert_close(value, final[name], rtol=1e-4, atol=1e-5)
+    loaded = train_here(cache, from_step_2("loaded"), *sets[:-2], "parallel.strategy=none", "ema_decay=0",
+                        resume=True, max_steps=2)  # fmt: skip
+    assert loaded.returncode == 0, loaded.stderr[-2000:]  # trains nothing: exports the weights it loaded
+    exported = weights(tmp_path / "loaded")
+    assert all(torch.equal(exported[k], at_step_2["model"][k]) for k in exported)
 
 
 def test_checkpoint_of_another_architecture_stops_before_training(cache, tmp_path):
@@ -320,7 +367,7 @@ def test_lora_trains_adapters_only_and_exports_merged_weights(cache, tmp_path):
     assert torch.equal(exported["blocks.0.norm2.weight"], before["blocks.0.norm2.weight"])  # not a LoRA target
     assert len(list((run / "validation").glob("step-*/sample-*.mp4"))) == 4
     # the merged export equals the LoRA model it came from
-    checkpoint = load_file(run / "checkpoints" / "step-00000004" / "model.safetensors")
+    checkpoint = saved_state(run / "checkpoints" / "step-00000004", tmp_path)["model"]
     from peft import LoraConfig
 
     from omnitransfer.transformer import OmniTransferTransformer

@@ -1,25 +1,28 @@
-"""Training checkpoints (safetensors + JSON, written atomically) and the exported model folder.
+"""Training checkpoints (sharded with torch.distributed.checkpoint, written atomically) and the exported model folder.
 
-A checkpoint is a folder ``step-00001000`` holding ``model.safetensors`` (full state, fp32),
-``optimizer.safetensors`` (AdamW moments and step counts; absent in a stage that trains no DiT
-weight), ``ema.safetensors`` (optional) and ``trainer.json`` (step, stage, architecture, optimizer
-hyper-parameters, seed); with an alignment module also ``alignment.safetensors`` (its own weights:
-connector, MetaQueries, LoRA factors; never the MLLM's), ``alignment_optimizer.safetensors`` and
-``alignment_ema.safetensors``. It is written under a
-temporary name and renamed when complete, so a kill at any moment leaves either the previous
-checkpoint or the new one. The learning-rate schedule, the data order and every random draw are pure
-functions of (seed, step), so the step is the whole of the scheduler, data and RNG state.
-Full (gathered) state dicts go through torch.distributed.checkpoint's state-dict API, which serves
-plain, DDP and FSDP models alike; every process must call ``save``/``load`` (they are collective).
+A checkpoint is a folder ``step-00001000`` holding ``state/``, a torch.distributed.checkpoint (DCP) folder of the
+DiT's weights, its AdamW state (absent in a stage that trains no DiT weight) and its EMA (optional), each process
+writing only its own shards; ``trainer.json`` (step, stage, architecture, seed, the parameters AdamW has stepped);
+and with an alignment module ``alignment.safetensors`` (its own weights: connector, MetaQueries, LoRA factors;
+never the MLLM's), ``alignment_optimizer.safetensors`` and ``alignment_ema.safetensors`` (replicated on every
+process: the main one writes them). No process ever gathers the whole model or optimizer state: FSDP's shards go
+to disk as they are, and DCP reshards on load, so a run resumes with any number of processes. The folder is
+written under a temporary name and renamed when complete, so a kill at any moment leaves either the previous
+checkpoint or the new one. The learning-rate schedule, the data order and every random draw are pure functions
+of (seed, step), so the step is the whole of the scheduler, data and RNG state. Every process must call
+``save``/``load`` (they are collective).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
@@ -32,13 +35,14 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..alignment import split_query_table
 from ..errors import InputError
-from ..files import atomic_folder, read_document
+from ..files import atomic_folder, read_document, replace_folder, temporary_name
 from ..model_folder import SETTINGS_FILE
 from ..transformer import OmniTransferTransformer
 from .parallelize import World, barrier, unwrap
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 WRAPPER_PREFIX = "_checkpoint_wrapped_module."
+STATE = "state"  # the DCP folder inside a checkpoint
 
 
 def clean_name(name: str) -> str:
@@ -74,34 +78,69 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict], n
     return {"state": state, "param_groups": groups}
 
 
+def _renamed(state: dict, rename: Callable[[str], str]) -> dict:
+    """A state dict (``{name: tensor}`` or the state-dict API's optimizer layout) with every name renamed."""
+    if "state" in state and "param_groups" in state:
+        groups = [{**g, "params": [rename(p) for p in g["params"]]} for g in state["param_groups"]]
+        return {"state": {rename(k): v for k, v in state["state"].items()}, "param_groups": groups}
+    return {rename(k): v for k, v in state.items()}
+
+
+def _stepped(model, optimizer) -> list[str]:
+    """Clean names of the parameters ``optimizer`` holds a state for (has stepped)."""
+    return sorted(clean_name(n) for n, p in unwrap(model).named_parameters() if p in optimizer.state)
+
+
+def _dit_state(model, optimizer, ema) -> dict:
+    """What DCP saves and loads of the DiT, by clean names: this process's shards of the weights, the AdamW state
+    (the state-dict API makes up a zero state for parameters never stepped) and the EMA."""
+    state = {"model": _renamed(get_model_state_dict(model), clean_name)}
+    if optimizer is not None:
+        state["optimizer"] = _renamed(get_optimizer_state_dict(model, optimizer), clean_name)
+    if ema is not None:
+        state["ema"] = ema.state()
+    return state
+
+
 def save_checkpoint(
     folder: Path, step: int, stage: str, model, optimizer, ema, world: World, extra: dict, alignment=None
 ) -> Path:
-    """Collective: gather the full state, then the main process writes it atomically.
+    """Collective: every process writes its shards of the DiT's state, then the main process writes the rest and
+    puts the folder in place.
 
     ``optimizer``: None in a stage that trains no DiT weight. ``alignment``: (module, its optimizer or
     None, its EMA or None) of the alignment module (replicated: every process holds it whole).
     """
-    files = {"model": {clean_name(k): v for k, v in get_model_state_dict(model, options=FULL).items()}}
-    parts = [("", model, optimizer, ema)]
-    if alignment is not None:
-        files["alignment"] = alignment[0].own_state()
-        parts.append(("alignment_", *alignment))
-    optimizer_states = {}
-    for prefix, module, opt, averaged in parts:
-        if opt is not None:
-            optimizer_states[prefix] = get_optimizer_state_dict(module, opt, options=FULL)
-        if averaged is not None:
-            files[f"{prefix}ema"] = averaged.full_state()
     final = folder / f"step-{step:08d}"
-    if world.is_main:  # the gathered state lives on the main process only
-        meta = {"step": step, "stage": stage, "world_size": world.size, **extra}
-        for prefix, state in optimizer_states.items():
-            files[f"{prefix}optimizer"], meta[f"{prefix}param_groups"] = _flatten_optimizer(state)
-        with atomic_folder(final) as tmp:  # a full disk or a kill leaves no partial checkpoint
+    meta = {"step": step, "stage": stage, "world_size": world.size, **extra}
+    if optimizer is not None:
+        meta["stepped"] = _stepped(model, optimizer)  # before the state-dict API makes up the others' states
+    state = _dit_state(model, optimizer, ema)
+    files = {}
+    if alignment is not None:
+        module, opt, averaged = alignment
+        files["alignment"] = module.own_state()
+        if opt is not None:
+            optimizer_state = get_optimizer_state_dict(module, opt, options=FULL)  # the main process's only
+            if world.is_main:
+                files["alignment_optimizer"], meta["alignment_param_groups"] = _flatten_optimizer(optimizer_state)
+        if averaged is not None:
+            files["alignment_ema"] = averaged.full_state()
+    names = [temporary_name(final) if world.is_main else None]
+    if world.size > 1:
+        dist.broadcast_object_list(names)
+    tmp = Path(names[0])
+    try:
+        dcp.save(state, checkpoint_id=tmp / STATE)  # each process its own shards
+        if world.is_main:
             for name, tensors in files.items():
                 save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
             (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
+            replace_folder(tmp, final)
+    except BaseException:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     barrier(world)
     return final
 
@@ -139,23 +178,42 @@ def _load(checkpoint: Path, name: str, missing: str) -> dict[str, torch.Tensor]:
 NO_EMA = "saved without ema_decay: resume with the ema_decay it was trained with"
 
 
+def _saved_parts(checkpoint: Path) -> set[str]:
+    """The parts ("model", "optimizer", "ema") a checkpoint's DCP folder holds; InputError when it is unreadable."""
+    try:
+        keys = dcp.FileSystemReader(str(checkpoint / STATE)).read_metadata().state_dict_metadata
+    except (OSError, RuntimeError, ValueError, EOFError) as err:
+        raise InputError(f"{checkpoint}: cannot read the sharded state ({str(err).splitlines()[0]})") from None
+    return {key.split(".")[0] for key in keys}
+
+
 def _live_names(model) -> dict[str, str]:
     """Clean parameter names -> the live model's names (wrappers add prefixes)."""
     return {clean_name(n): n for n, _ in unwrap(model).named_parameters()}
 
 
+def _read(checkpoint: Path, state: dict, partial: bool = False) -> None:
+    """Collective: fill ``state`` (this process's shards) from a checkpoint's DCP folder, whatever the number of
+    processes that wrote it; ``partial``: entries the checkpoint lacks keep their values."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    try:
+        dcp.load(state, checkpoint_id=checkpoint / STATE, planner=DefaultLoadPlanner(allow_partial_load=partial))
+    except dcp.CheckpointException as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise InputError(f"{checkpoint}: the sharded state does not fit this run's model ({first})") from None
+
+
 def load_model_state(checkpoint: Path, model, ema) -> dict:
     """Collective: restore the weights and the EMA in place; returns trainer.json."""
     meta = read_meta(checkpoint)
-    live_names = _live_names(model)
-    model_state = _load(checkpoint, "model", "an incomplete checkpoint")
-    missing = sorted(set(live_names) - set(model_state))
-    if missing:
-        raise InputError(f"{checkpoint}: no weights for {missing[0]} ({len(missing)} missing): another architecture")
-    full = {live_names.get(k, k): v for k, v in model_state.items()}
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
-    if ema is not None:
-        ema.load_full_state(_load(checkpoint, "ema", NO_EMA))
+    parts = _saved_parts(checkpoint)
+    if ema is not None and "ema" not in parts:
+        raise InputError(f"{checkpoint}: holds no EMA ({NO_EMA})")
+    state = _dit_state(model, None, ema)
+    _read(checkpoint, state)
+    live = _live_names(model)
+    set_model_state_dict(model, _renamed(state["model"], lambda n: live.get(n, n)))
     return meta
 
 
@@ -167,19 +225,32 @@ def load_alignment_state(checkpoint: Path, module, ema) -> None:
         ema.load_full_state(split_query_table(_load(checkpoint, "alignment_ema", NO_EMA)))
 
 
-def load_optimizer_state(checkpoint: Path, model, optimizer, prefix: str = "") -> None:
-    """Collective: restore the AdamW state of the stage the checkpoint was saved in (``prefix``
-    "alignment_": the alignment module's). A parameter that had no state when it was saved (never
-    stepped: e.g. the MetaQueries of a task not trained on yet) has none after it either, as in a run
-    that never stopped (the state-dict API makes up a zero state at step 1 for it)."""
+def load_optimizer_state(checkpoint: Path, model, optimizer) -> None:
+    """Collective: restore the DiT's AdamW state of the stage the checkpoint was saved in. A parameter that had no
+    state when it was saved (never stepped) has none after it either, as in a run that never stopped."""
     meta = read_meta(checkpoint)
+    if "optimizer" not in _saved_parts(checkpoint):
+        raise InputError(f"{checkpoint}: holds no optimizer state (an incomplete checkpoint)")
+    state = {"optimizer": _dit_state(model, optimizer, None)["optimizer"]}
+    _read(checkpoint, state, partial=True)  # the made-up states of the parameters never stepped are not saved
     live = _live_names(model)
-    tensors = _load(checkpoint, f"{prefix}optimizer", "an incomplete checkpoint")
-    state = _unflatten_optimizer(tensors, meta[f"{prefix}param_groups"], live, checkpoint)
+    set_optimizer_state_dict(model, optimizer, _renamed(state["optimizer"], lambda n: live.get(n, n)))
+    stepped, params = set(meta.get("stepped", [])), dict(unwrap(model).named_parameters())
+    for clean, name in live.items():
+        if clean not in stepped:
+            optimizer.state.pop(params[name], None)
+
+
+def load_alignment_optimizer_state(checkpoint: Path, module, optimizer) -> None:
+    """Restore the alignment module's AdamW state (replicated, in ``alignment_optimizer.safetensors``)."""
+    meta = read_meta(checkpoint)
+    live = _live_names(module)
+    tensors = _load(checkpoint, "alignment_optimizer", "an incomplete checkpoint")
+    state = _unflatten_optimizer(tensors, meta["alignment_param_groups"], live, checkpoint)
     options = StateDictOptions(full_state_dict=True, strict=False)  # the never-stepped ones have no state
-    set_optimizer_state_dict(model, optimizer, state, options=options)
+    set_optimizer_state_dict(module, optimizer, state, options=options)
     stepped = {key.split("::")[0] for key in tensors}
-    params = dict(unwrap(model).named_parameters())
+    params = dict(unwrap(module).named_parameters())
     for clean, name in live.items():
         if clean not in stepped:
             optimizer.state.pop(params[name], None)

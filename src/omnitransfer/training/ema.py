@@ -20,6 +20,11 @@ class EMA:
     def update(self) -> None:
         torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The averages by name, as held (this process's shards under FSDP): what a sharded checkpoint saves and
+        loads in place."""
+        return dict(zip(self.names, self.shadow))
+
     def full_state(self) -> dict[str, torch.Tensor]:
         """Gathered weights by name on the main process (collective under FSDP; others get {})."""
         keep = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

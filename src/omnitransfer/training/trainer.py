@@ -32,6 +32,7 @@ from .checkpoint import (
     checkpoints,
     clean_name,
     export_model,
+    load_alignment_optimizer_state,
     load_alignment_state,
     load_model_state,
     load_optimizer_state,
@@ -341,10 +342,10 @@ class Trainer:
                     continue
                 if meta is not None:  # resuming: the optimizer state belongs to this stage only if it was saved in it
                     if meta["stage"] == stage.name and step > stage_start:
-                        parts = zip((self.model, self.alignment), optimizers, ("", "alignment_"))
-                        for module, optimizer, prefix in parts:
-                            if optimizer is not None:
-                                load_optimizer_state(self.resume_from, module, optimizer, prefix)
+                        if optimizers[0] is not None:
+                            load_optimizer_state(self.resume_from, self.model, optimizers[0])
+                        if optimizers[1] is not None:
+                            load_alignment_optimizer_state(self.resume_from, self.alignment, optimizers[1])
                     meta = None
                 trainable = sum(p.numel() for optimizer in optimizers for p in _params(optimizer))
                 self.logger.log(step, {"stage": stage.name, "trainable_params": trainable})
