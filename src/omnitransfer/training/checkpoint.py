@@ -15,7 +15,9 @@ of (seed, step), so the step is the whole of the scheduler, data and RNG state. 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -131,7 +133,7 @@ def save_checkpoint(
         dist.broadcast_object_list(names)
     tmp = Path(names[0])
     try:
-        dcp.save(state, checkpoint_id=tmp / STATE)  # each process its own shards
+        _write(state, tmp / STATE)
         if world.is_main:
             for name, tensors in files.items():
                 save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
@@ -143,6 +145,35 @@ def save_checkpoint(
         raise
     barrier(world)
     return final
+
+
+def _write(state: dict, folder: Path) -> None:
+    """Collective: every process writes its shards of ``state`` into the DCP ``folder``; a process's OSError (a full
+    disk) is raised as itself, not wrapped in DCP's exception, so the command line names it in one line."""
+    cause = None
+    try:
+        dcp.save(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    except dcp.CheckpointException as err:
+        causes = [failure[0] if isinstance(failure, tuple) else failure for failure in err.failures.values()]
+        cause = next((c for c in causes if isinstance(c, OSError)), None)
+        if cause is None and shutil.disk_usage(folder.parent).free < _bytes(state):
+            cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # torch.save reports it as a bad position
+        if cause is None:
+            raise
+    if cause is not None:
+        raise cause.with_traceback(None)  # outside the handler: no chain of DCP's frames (they hold the run)
+
+
+def _bytes(state) -> int:
+    """Bytes of the tensors in a nested state dict (this process's shards)."""
+    if isinstance(state, dict):
+        return sum(_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_bytes(v) for v in state)
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    return 0
 
 
 def read_meta(checkpoint: Path) -> dict:
@@ -198,7 +229,8 @@ def _read(checkpoint: Path, state: dict, partial: bool = False) -> None:
     from torch.distributed.checkpoint import DefaultLoadPlanner
 
     try:
-        dcp.load(state, checkpoint_id=checkpoint / STATE, planner=DefaultLoadPlanner(allow_partial_load=partial))
+        planner = DefaultLoadPlanner(allow_partial_load=partial)
+        dcp.load(state, checkpoint_id=checkpoint / STATE, planner=planner, no_dist=not dist.is_initialized())
     except dcp.CheckpointException as err:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise InputError(f"{checkpoint}: the sharded state does not fit this run's model ({first})") from None

@@ -317,6 +317,16 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------
     def run(self) -> Path | None:
+        """Train to the end (or ``max_steps``), checkpointing and validating on the way, then export. The run
+        folder's lock is released however it ends."""
+        try:
+            return self._run()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+            self.logger.close()
+
+    def _run(self) -> Path | None:
         config, world = self.config, self.world
         self.output.mkdir(parents=True, exist_ok=True)
         if world.is_main:
@@ -372,10 +382,7 @@ class Trainer:
             if config.validate_every and step % config.validate_every == 0:
                 self.validate(step)
         model_dir = self.export()
-        self.logger.close()
         barrier(world)  # every process leaves once the main one has written the model
-        if self.lock is not None:
-            self.lock.release()
         return model_dir
 
     def _checkpoint(self, step: int, stage: Stage, optimizers: tuple) -> None:
