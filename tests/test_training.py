@@ -86,7 +86,10 @@ def losses(stdout: str) -> list[float]:
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "model" / "transformer" / "diffusion_pytorch_model.safetensors")
+    """An exported transformer's weights, from its one file or its shards."""
+    return {
+        k: v for f in sorted((run / "model" / "transformer").glob("*.safetensors")) for k, v in load_file(f).items()
+    }
 
 
 def saved_state(checkpoint: Path, scratch: Path) -> dict:
@@ -348,9 +351,11 @@ def test_activation_checkpointing_changes_nothing(tiny_wan):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
 
 
-def test_lora_trains_adapters_only_and_exports_merged_weights(cache, tmp_path):
+def test_lora_trains_adapters_only_and_exports_merged_weights(cache, tmp_path, monkeypatch):
     from omnitransfer.pipeline import OmniTransferPipeline
+    from omnitransfer.training import checkpoint
 
+    monkeypatch.setattr(checkpoint, "SHARD_BYTES", 2**20)  # files of at most 1 MiB, as 10 GiB ones at 14B
     run = tmp_path / "lora"
     result = train_here(cache, run, "stages=[{name: dit, steps: 4, trainable: blocks}]", "lora.rank=4",
                    "optim.lr=1.0e-2", "validate_every=2", "validation_steps=2")  # fmt: skip
@@ -366,6 +371,10 @@ def test_lora_trains_adapters_only_and_exports_merged_weights(cache, tmp_path):
     assert not torch.equal(exported["blocks.0.attn1.to_q.weight"], before["blocks.0.attn1.to_q.weight"])
     assert torch.equal(exported["blocks.0.norm2.weight"], before["blocks.0.norm2.weight"])  # not a LoRA target
     assert len(list((run / "validation").glob("step-*/sample-*.mp4"))) == 4
+    files = sorted(p.name for p in (run / "model" / "transformer").glob("diffusion_pytorch_model-*.safetensors"))
+    assert (
+        len(files) > 5 and (run / "model" / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    )
     # the merged export equals the LoRA model it came from
     checkpoint = saved_state(run / "checkpoints" / "step-00000004", tmp_path)["model"]
     from peft import LoraConfig

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..alignment import split_query_table
 from ..errors import InputError
-from ..files import atomic_folder, read_document, replace_folder, temporary_name
+from ..files import read_document, replace_folder, temporary_name
 from ..model_folder import SETTINGS_FILE
 from ..transformer import OmniTransferTransformer
 from .parallelize import World, barrier, unwrap
@@ -93,10 +93,15 @@ def _stepped(model, optimizer) -> list[str]:
     return sorted(clean_name(n) for n, p in unwrap(model).named_parameters() if p in optimizer.state)
 
 
+def sharded_weights(model) -> dict[str, torch.Tensor]:
+    """The DiT's weights by clean name, as this process holds them (its FSDP shards, else whole)."""
+    return _renamed(get_model_state_dict(model), clean_name)
+
+
 def _dit_state(model, optimizer, ema) -> dict:
     """What DCP saves and loads of the DiT, by clean names: this process's shards of the weights, the AdamW state
     (the state-dict API makes up a zero state for parameters never stepped) and the EMA."""
-    state = {"model": _renamed(get_model_state_dict(model), clean_name)}
+    state = {"model": sharded_weights(model)}
     if optimizer is not None:
         state["optimizer"] = _renamed(get_optimizer_state_dict(model, optimizer), clean_name)
     if ema is not None:
@@ -304,24 +309,75 @@ def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.
     return merged
 
 
+SHARD_BYTES = 10 * 2**30  # diffusers' default largest weight file
+
+
 def export_model(
     folder: Path,
     state: dict[str, torch.Tensor],
     architecture: dict,
     base_model: str,
     settings: dict,
+    world: World,
     model_class: type[OmniTransferTransformer] = OmniTransferTransformer,
     write_more: Callable[[Path], object] | None = None,
 ) -> Path:
-    """Write a model folder that ``OmniTransferPipeline.from_pretrained`` and ``generate --model`` load:
-    ``transformer/`` (safetensors) and ``omnitransfer.json`` pointing at the base model for the rest;
-    ``write_more(folder)`` adds further components (e.g. ``alignment/``) before the folder is put in place."""
-    with torch.device("meta"):
-        model = model_class.from_config(architecture)
-    model.load_state_dict(state, strict=True, assign=True)
-    with atomic_folder(folder) as tmp:
-        model.save_pretrained(tmp / "transformer", safe_serialization=True)
-        if write_more is not None:
-            write_more(tmp)
-        (tmp / SETTINGS_FILE).write_text(json.dumps({**settings, "base_model": base_model}, indent=2))
+    """Collective: write a model folder that ``OmniTransferPipeline.from_pretrained`` and ``generate --model`` load:
+    ``transformer/`` (diffusers' safetensors layout, in files of at most ``SHARD_BYTES``) and ``omnitransfer.json``
+    pointing at the base model for the rest; ``write_more(folder)`` adds further components (e.g. ``alignment/``)
+    before the folder is put in place. ``state``: the weights by name, as each process holds them (FSDP shards).
+
+    Streamed: every process writes its shards (torch.distributed.checkpoint's safetensors writer), then the main
+    process joins them one tensor at a time, so no process ever holds the whole model."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    names = [temporary_name(folder) if world.is_main else None]
+    if world.size > 1:
+        dist.broadcast_object_list(names)
+    tmp = Path(names[0])
+    weights = tmp / "transformer"
+    try:
+        writer = HuggingFaceStorageWriter(str(weights), _files(state), save_distributed=True, enable_consolidation=True)
+        dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
+        if world.is_main:
+            _name_as_diffusers(weights)
+            with torch.device("meta"):
+                model_class.from_config(architecture).save_config(weights)
+            if write_more is not None:
+                write_more(tmp)
+            (tmp / SETTINGS_FILE).write_text(json.dumps({**settings, "base_model": base_model}, indent=2))
+            replace_folder(tmp, folder)
+    except BaseException:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    barrier(world)
     return folder
+
+
+def _files(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Which weight file (1, 2, ...) each tensor goes to, in order, each file at most ``SHARD_BYTES``."""
+    files, index, filled = {}, 1, 0
+    for name, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        if filled and filled + size > SHARD_BYTES:
+            index, filled = index + 1, 0
+        files[name], filled = index, filled + size
+    return files
+
+
+def _name_as_diffusers(weights: Path) -> None:
+    """The writer's ``model-0000i-of-0000n.safetensors`` and index as diffusers names them; its shards removed."""
+    shutil.rmtree(weights / "sharded", ignore_errors=True)
+    index_path = weights / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index_path.unlink()
+    files = sorted(set(index["weight_map"].values()))
+    if len(files) == 1:
+        (weights / files[0]).rename(weights / "diffusion_pytorch_model.safetensors")
+        return
+    renamed = {f: f.replace("model-", "diffusion_pytorch_model-", 1) for f in files}
+    for old, new in renamed.items():
+        (weights / old).rename(weights / new)
+    index["weight_map"] = {name: renamed[f] for name, f in index["weight_map"].items()}
+    (weights / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))

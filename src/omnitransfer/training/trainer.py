@@ -39,6 +39,7 @@ from .checkpoint import (
     merge_lora,
     read_meta,
     save_checkpoint,
+    sharded_weights,
 )
 from .config import Stage, TrainConfig
 from .ema import EMA
@@ -412,16 +413,7 @@ class Trainer:
         """The trained transformer (EMA weights if kept, LoRA merged) as a loadable model folder, with the
         alignment module (``alignment/``, ``mllm``: the absolute path of its Qwen2.5-VL folder) when trained;
         ``base_model``: the base model's folder, or, when that is an export, the base it points at."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        from .checkpoint import FULL
-
-        if self.ema is not None:
-            state = self.ema.full_state()
-        else:
-            state = {clean_name(k): v for k, v in get_model_state_dict(self.model, options=FULL).items()}
-        if not self.world.is_main:
-            return None
+        state = self.ema.state() if self.ema is not None else sharded_weights(self.model)  # this process's shards
         if self.config.lora.rank > 0:
             state = merge_lora(state, (self.config.lora.alpha or self.config.lora.rank) / self.config.lora.rank)
         arch = {k: v for k, v in self.architecture.items() if k not in ("lora_rank", "alignment", "method")}
@@ -437,7 +429,9 @@ class Trainer:
             weights = None if self.alignment_ema is None else self.alignment_ema.full_state()
             write_more = partial(_save_alignment, self.alignment, weights)
         model_class = get_method(self.config.method)
-        folder = export_model(self.output / "model", state, arch, base, settings, model_class, write_more)
+        folder = export_model(self.output / "model", state, arch, base, settings, self.world, model_class, write_more)
+        if not self.world.is_main:
+            return None
         print(f"exported {folder}", flush=True)
         return folder
 
