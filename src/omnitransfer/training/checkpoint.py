@@ -19,7 +19,8 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -133,31 +134,41 @@ def save_checkpoint(
                 files["alignment_optimizer"], meta["alignment_param_groups"] = _flatten_optimizer(optimizer_state)
         if averaged is not None:
             files["alignment_ema"] = averaged.full_state()
-    names = [temporary_name(final) if world.is_main else None]
-    if world.size > 1:
-        dist.broadcast_object_list(names)
-    tmp = Path(names[0])
-    try:
+    with _shared_folder(final, world) as tmp:
         _write(state, tmp / STATE)
         if world.is_main:
             for name, tensors in files.items():
                 save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
             (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
+    return final
+
+
+@contextmanager
+def _shared_folder(final: Path, world: World) -> Iterator[Path]:
+    """Collective: a new hidden folder beside ``final`` for every process to write into (named by the main process);
+    the main process puts it in place if the block succeeds and removes it otherwise; all leave together."""
+    names = [temporary_name(final) if world.is_main else None]
+    if world.size > 1:
+        dist.broadcast_object_list(names)
+    tmp = Path(names[0])
+    try:
+        yield tmp
+        if world.is_main:
             replace_folder(tmp, final)
     except BaseException:
         if world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     barrier(world)
-    return final
 
 
-def _write(state: dict, folder: Path) -> None:
-    """Collective: every process writes its shards of ``state`` into the DCP ``folder``; a process's OSError (a full
-    disk) is raised as itself, not wrapped in DCP's exception, so the command line names it in one line."""
+def _write(state: dict, folder: Path, writer=None) -> None:
+    """Collective: every process writes its shards of ``state`` into the DCP ``folder`` (through ``writer``, a DCP
+    storage writer, when given); a process's OSError (a full disk) is raised as itself, not wrapped in DCP's
+    exception, so the command line names it in one line."""
     cause = None
     try:
-        dcp.save(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+        dcp.save(state, checkpoint_id=folder, storage_writer=writer, no_dist=not dist.is_initialized())
     except dcp.CheckpointException as err:
         causes = [failure[0] if isinstance(failure, tuple) else failure for failure in err.failures.values()]
         cause = next((c for c in causes if isinstance(c, OSError)), None)
@@ -331,14 +342,10 @@ def export_model(
     process joins them one tensor at a time, so no process ever holds the whole model."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    names = [temporary_name(folder) if world.is_main else None]
-    if world.size > 1:
-        dist.broadcast_object_list(names)
-    tmp = Path(names[0])
-    weights = tmp / "transformer"
-    try:
+    with _shared_folder(folder, world) as tmp:
+        weights = tmp / "transformer"
         writer = HuggingFaceStorageWriter(str(weights), _files(state), save_distributed=True, enable_consolidation=True)
-        dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
+        _write(state, weights, writer)
         if world.is_main:
             _name_as_diffusers(weights)
             with torch.device("meta"):
@@ -346,12 +353,6 @@ def export_model(
             if write_more is not None:
                 write_more(tmp)
             (tmp / SETTINGS_FILE).write_text(json.dumps({**settings, "base_model": base_model}, indent=2))
-            replace_folder(tmp, folder)
-    except BaseException:
-        if world.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    barrier(world)
     return folder
 
 
