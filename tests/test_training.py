@@ -136,6 +136,7 @@ def test_fsdp_and_context_parallel_processes_match_one(cache, one_process, tmp_p
     split = train(cache, tmp_path / "cp", *ONE_PROCESS_SETS, "parallel.ulysses=2", "parallel.strategy=fsdp",
                   procs=4)  # fmt: skip
     assert split.returncode == 0, split.stderr[-2000:]
+    assert "starting_weights=own-shard-per-process" in split.stdout  # built empty, each process read its shard
     np.testing.assert_allclose(losses(one.stdout), losses(split.stdout), rtol=1e-5)
     a, b = weights(one_run), weights(tmp_path / "cp")
     for name in a:

@@ -99,6 +99,17 @@ def sharded_weights(model) -> dict[str, torch.Tensor]:
     return _renamed(get_model_state_dict(model), clean_name)
 
 
+def load_starting_weights(model, folder: Path) -> None:
+    """Collective: fill an FSDP model built empty (``parallelize`` of a meta model) from a diffusers transformer
+    folder, each process reading only its own shard of every tensor (torch's ``HuggingFaceStorageReader``: slices of
+    the safetensors files), so no process ever holds the whole model."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    state = sharded_weights(model)
+    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=not dist.is_initialized())
+    set_model_state_dict(model, state)  # the state-dict API's names are the clean ones
+
+
 def _dit_state(model, optimizer, ema) -> dict:
     """What DCP saves and loads of the DiT, by clean names: this process's shards of the weights, the AdamW state
     (the state-dict API makes up a zero state for parameters never stepped) and the EMA."""
@@ -168,7 +179,9 @@ def _write(state: dict, folder: Path, writer=None) -> None:
     exception, so the command line names it in one line."""
     cause = None
     try:
-        dcp.save(state, checkpoint_id=folder, storage_writer=writer, no_dist=not dist.is_initialized())
+        # a writer knows its folder (given the folder too, torch's safetensors writer leaves its shards unjoined)
+        where = {"storage_writer": writer} if writer is not None else {"checkpoint_id": folder}
+        dcp.save(state, **where, no_dist=not dist.is_initialized())
     except dcp.CheckpointException as err:
         causes = [failure[0] if isinstance(failure, tuple) else failure for failure in err.failures.values()]
         cause = next((c for c in causes if isinstance(c, OSError)), None)
@@ -260,8 +273,7 @@ def load_model_state(checkpoint: Path, model, ema) -> dict:
         raise InputError(f"{checkpoint}: holds no EMA ({NO_EMA})")
     state = _dit_state(model, None, ema)
     _read(checkpoint, state)
-    live = _live_names(model)
-    set_model_state_dict(model, _renamed(state["model"], lambda n: live.get(n, n)))
+    set_model_state_dict(model, state["model"])
     return meta
 
 
@@ -281,9 +293,8 @@ def load_optimizer_state(checkpoint: Path, model, optimizer) -> None:
         raise InputError(f"{checkpoint}: holds no optimizer state (an incomplete checkpoint)")
     state = {"optimizer": _dit_state(model, optimizer, None)["optimizer"]}
     _read(checkpoint, state, partial=True)  # the made-up states of the parameters never stepped are not saved
-    live = _live_names(model)
-    set_optimizer_state_dict(model, optimizer, _renamed(state["optimizer"], lambda n: live.get(n, n)))
-    stepped, params = set(meta.get("stepped", [])), dict(unwrap(model).named_parameters())
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    live, stepped, params = _live_names(model), set(meta.get("stepped", [])), dict(unwrap(model).named_parameters())
     for clean, name in live.items():
         if clean not in stepped:
             optimizer.state.pop(params[name], None)
@@ -342,6 +353,9 @@ def export_model(
     process joins them one tensor at a time, so no process ever holds the whole model."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
+    # a tensor with fewer rows than processes leaves some shards empty, which the writer's joining mishandles
+    # (measured: a (1, 2, D) table came out (0, 2, D)); such tensors are tiny: they go whole, written once
+    state = {k: v.full_tensor() if _has_empty_shard(v, world) else v for k, v in state.items()}
     with _shared_folder(folder, world) as tmp:
         weights = tmp / "transformer"
         writer = HuggingFaceStorageWriter(str(weights), _files(state), save_distributed=True, enable_consolidation=True)
@@ -354,6 +368,10 @@ def export_model(
                 write_more(tmp)
             (tmp / SETTINGS_FILE).write_text(json.dumps({**settings, "base_model": base_model}, indent=2))
     return folder
+
+
+def _has_empty_shard(tensor: torch.Tensor, world: World) -> bool:
+    return hasattr(tensor, "full_tensor") and tensor.dim() > 0 and tensor.shape[0] < world.size
 
 
 def _files(state: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -72,8 +72,12 @@ def strategy_for(parallel: Parallel, world: World) -> str:
 
 
 def parallelize(model: torch.nn.Module, parallel: Parallel, world: World) -> torch.nn.Module:
-    """Context parallelism, activation checkpointing, then FSDP or DDP, over ``model.blocks`` and the root."""
-    model.to(world.device)
+    """Context parallelism, activation checkpointing, then FSDP or DDP, over ``model.blocks`` and the root. A model
+    on the meta device (FSDP only) gets its shards' memory, empty, once sharded (``checkpoint.load_starting_weights``
+    fills it)."""
+    empty = next(model.parameters()).is_meta
+    if not empty:
+        model.to(world.device)
     if world.cp > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -101,7 +105,7 @@ def parallelize(model: torch.nn.Module, parallel: Parallel, world: World) -> tor
         for block in model.blocks:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
-        return model
+        return model.to_empty(device=world.device) if empty else model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

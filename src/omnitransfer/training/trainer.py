@@ -18,12 +18,14 @@ from ..codecs import load_codec, to_uint8
 from ..conditioning import target_condition
 from ..context_parallel import check_degrees
 from ..errors import InputError
-from ..files import FolderLock, check_distinct, remove_temporaries
+from ..files import FolderLock, check_distinct, read_document, remove_temporaries
 from ..methods import get_method, load_transformer
 from ..model_folder import ALIGNMENT_FOLDER, export_base, find_component, resolved_settings
 from ..sampling import denoise, make_scheduler
 from ..transformer import OmniTransferTransformer
+from ..vap import VAPTransformer
 from ..video import save_video
+from ..weights import check_component
 from . import alignment as aligning
 from .batches import BatchPlan, collate
 from .cache import LatentCache
@@ -36,6 +38,7 @@ from .checkpoint import (
     load_alignment_state,
     load_model_state,
     load_optimizer_state,
+    load_starting_weights,
     merge_lora,
     read_meta,
     save_checkpoint,
@@ -54,6 +57,7 @@ from .parallelize import (
     init_world,
     input_dtype,
     parallelize,
+    strategy_for,
     unwrap,
 )
 from .prepare import encoders_digest
@@ -61,13 +65,40 @@ from .prepare import encoders_digest
 VALIDATION_FPS = 8
 
 
-def starting_transformer(config: TrainConfig) -> OmniTransferTransformer:
-    """The starting transformer (fp32 master weights): ``init_transformer``, else the model folder's (along
-    its base_model chain); with LoRA adapters when configured."""
+def starting_folder(config: TrainConfig) -> Path:
+    """The transformer folder training starts from: ``init_transformer``, else the model folder's (along its
+    base_model chain)."""
     folder = Path(config.init_transformer or find_component(config.model_folder, "transformer"))
     if not folder.is_dir():
         raise InputError(f"{folder}: no transformer folder to start from (config 'init_transformer')")
-    model = load_transformer(config.method, folder, torch.float32)
+    return folder
+
+
+def reads_its_shard(config: TrainConfig, world: World) -> bool:
+    """Whether each process builds the starting transformer empty and reads only its FSDP shard of the weights
+    (``checkpoint.load_starting_weights``): under FSDP, for a model whose every weight is in the folder (not a VAP
+    expert copied from a plain Wan backbone) and without LoRA (whose fresh factors are drawn, not read)."""
+    if strategy_for(config.parallel, world) != "fsdp" or config.lora.rank > 0:
+        return False
+    stored = read_document(starting_folder(config) / "config.json", "JSON", "a JSON object (a transformer config)")
+    return get_method(config.method) is not VAPTransformer or "block_idx_with_mot_ref" in stored
+
+
+def empty_transformer(config: TrainConfig) -> OmniTransferTransformer:
+    """The starting transformer's architecture on the meta device (no memory), its folder's weights checked
+    against it (``weights.check_component``), to be sharded and then filled (``reads_its_shard``)."""
+    folder = starting_folder(config)
+    model_class = get_method(config.method)
+    stored = read_document(folder / "config.json", "JSON", "a JSON object (a transformer config)")
+    check_component(model_class, folder, stored)
+    with torch.device("meta"):
+        return model_class.from_config(stored)
+
+
+def starting_transformer(config: TrainConfig) -> OmniTransferTransformer:
+    """The starting transformer (fp32 master weights) from ``starting_folder``, whole in this process; with LoRA
+    adapters when configured."""
+    model = load_transformer(config.method, starting_folder(config), torch.float32)
     if config.lora.rank > 0:
         from peft import LoraConfig
 
@@ -197,7 +228,8 @@ class Trainer:
             )
         self.end = min(config.total_steps, max_steps) if max_steps is not None else config.total_steps
 
-        plain = starting_transformer(config)
+        sharded_start = reads_its_shard(config, self.world)
+        plain = empty_transformer(config) if sharded_start else starting_transformer(config)
         if self.world.cp > 1:  # training chooses no attention kernel: PyTorch's SDPA, which Ring cannot use
             names = ("parallel.ulysses", "parallel.ring")
             check_degrees(config.parallel.ulysses, config.parallel.ring, None, plain.config.num_attention_heads,
@@ -214,6 +246,8 @@ class Trainer:
         if self.resume_from is not None:  # before any step: a checkpoint of another architecture stops here
             check_architecture(self.resume_from, read_meta(self.resume_from), self.architecture)
         self.model = parallelize(plain, config.parallel, self.world)
+        if sharded_start:
+            load_starting_weights(self.model, starting_folder(config))
         self.ema = self.alignment_ema = None
         if config.ema_decay:
             named = ((clean_name(n), p) for n, p in unwrap(self.model).named_parameters())
@@ -222,6 +256,7 @@ class Trainer:
                 self.alignment_ema = EMA(self.alignment.trainable_parameters("all").items(), config.ema_decay)
         self.lock = self._hold_output()
         self.logger = Logger(self.output, self.world)
+        self.logger.log(0, {"starting_weights": "own-shard-per-process" if sharded_start else "whole-per-process"})
         self.history: list[tuple[int, float]] = []  # (step, loss) of every step of this run
         self._codec = None  # the VAE for validation videos, loaded at the first validation
 
