@@ -40,17 +40,15 @@ def test_text_to_video_config_matches_diffusers():
 
 
 def _reference_states(model, inputs, references):
-    """Run a full forward and record, per block, the hidden states and keys of every reference call."""
-    ref_tokens = {model.token_grid(r.latents) for r in references}
-    ref_lengths = {f * h * w for f, h, w in ref_tokens}
+    """Run a full forward and record, per block and reference, the reference's tokens going in and coming out (a
+    block runs the layer's references and the target in one call: their tokens in determine their keys)."""
     records = []
 
-    def hook(module, args, output):
-        if args[0].shape[1] in ref_lengths:
-            hidden, (k, v) = output
-            records.append((args[0].clone(), k.clone(), v.clone()))
+    def hook(module, args, kwargs, output):
+        for ref, out in zip(kwargs["references"], output[2], strict=True):
+            records.append((ref[0].clone(), None if out is None else out.clone()))
 
-    handles = [b.register_forward_hook(hook) for b in model.blocks]
+    handles = [b.register_forward_hook(hook, with_kwargs=True) for b in model.blocks]
     with torch.no_grad():
         out = model(**inputs, references=references).sample
     for h in handles:
@@ -70,8 +68,8 @@ def test_reference_branch_is_causal(tiny_wan):
     for inputs in changed:
         out, records = _reference_states(model, inputs, refs)
         assert not torch.allclose(out, base_out)
-        for (x0, k0, v0), (x1, k1, v1) in zip(base, records, strict=True):
-            assert torch.equal(x0, x1) and torch.equal(k0, k1) and torch.equal(v0, v1)
+        for (x0, y0), (x1, y1) in zip(base, records, strict=True):
+            assert torch.equal(x0, x1) and (y0 is y1 is None or torch.equal(y0, y1))
 
     # ...while the reference does reach the target output.
     other_refs = [flagged_reference(Task.CAMERA, seed=11), refs[1]]
@@ -130,3 +128,29 @@ def test_14b_checkpoint_keys_load_into_ours():
     assert {k: v.shape for k, v in theirs_sd.items()} == {k: v.shape for k, v in ours_sd.items()}
     n_params = sum(v.numel() for v in theirs_sd.values())
     assert 16e9 < n_params < 17e9  # Wan2.1 I2V 14B (with the CLIP image projections)
+
+
+def test_a_reference_and_the_target_pass_each_block_in_one_call_so_no_keys_cross_a_checkpoint(tiny_wan):
+    """Without a cache, each block runs the layer's references and the target in one call. What activation
+    checkpointing keeps for backward is each call's inputs: the references' and target's tokens, never the
+    references' keys and values, which a reference pass run first (the cache's way) hands every target call."""
+    model = OmniTransferTransformer.from_wan(tiny_wan)
+    ref, inputs = flagged_reference(Task.MOTION, frames=3, height=8, width=12), transformer_inputs()
+    grid = model.token_grid(inputs["hidden_states"])
+    handed = []  # bytes of keys/values each block call receives from outside it
+
+    def hook(module, args, kwargs):
+        extra = kwargs.get("extra_kv")
+        handed.append(0 if extra is None else sum(t.numel() * t.element_size() for t in extra))
+
+    handles = [b.register_forward_pre_hook(hook, with_kwargs=True) for b in model.blocks]
+    with torch.no_grad():
+        paired = model(**inputs, references=[ref]).sample
+        calls_paired, handed[:] = list(handed), []
+        cached = model(**inputs, reference_cache=model.encode_references([ref], grid)).sample
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(paired, cached, rtol=0, atol=1e-6)
+    assert calls_paired == [0] * len(model.blocks)  # one call per layer, no keys/values from outside
+    layer_kv = 2 * (2 * 72) * 24 * 4  # (K, V) x (batch 2 x 72 reference tokens) x width 24 x float32
+    assert sum(handed) == len(model.blocks) * layer_kv  # what the first way hands over (and checkpointing keeps)

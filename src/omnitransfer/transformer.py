@@ -193,13 +193,25 @@ class OmniTransferBlock(WanTransformerBlock):
         image: torch.Tensor | None = None,
         extra_kv: KV | None = None,
         kv_only: bool = False,
-    ) -> tuple[torch.Tensor | None, KV]:
+        references: Sequence[tuple] | None = None,
+    ) -> tuple:
         """One block over tokens (B, S, D). Returns (new hidden states, this layer's (keys, values)).
 
         ``extra_kv`` (keys/values of other tokens, e.g. the references') are appended to this block's
         own keys/values in self-attention: queries see them, they never see the queries. With
         ``kv_only`` the block stops after computing its keys/values (the reference's last layer).
+
+        ``references``: the references' streams at this layer, each (tokens (B, S_r, D), modulation input, RoPE,
+        context). The block runs them first (with ``kv_only``: their keys/values only), their keys/values become
+        ``extra_kv``, and their new tokens come back as a third item. One call for the pair, so one unit for
+        activation checkpointing: a layer's reference keys/values are recomputed in backward, never kept for it.
         """
+        if references is not None:
+            outs = [self.forward(*ref, kv_only=kv_only) for ref in references]  # each (new tokens, (keys, values))
+            keys, values = zip(*(kv for _, kv in outs))
+            extra = (keys[0], values[0]) if len(outs) == 1 else (torch.cat(keys, 1), torch.cat(values, 1))
+            hidden, kv = self.forward(hidden_states, temb, rotary_emb, text, image, extra_kv=extra)
+            return hidden, kv, [x for x, _ in outs]
         modulation = self._modulation(temb)
 
         # 1. Self-attention (one-way towards extra_kv)
@@ -367,6 +379,13 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         _, proj, text, _ = self.condition_embedder(t0, ref.context, None)
         return x, proj.unflatten(1, (6, -1)), self._rope(grid, offset, x.device), text
 
+    def _reference_streams(self, references: Sequence[ReferenceInput], target_grid: Grid) -> list[tuple]:
+        """Every reference's stream (``_reference_stream``) at the positions the task rule gives it beside a target
+        of ``target_grid``."""
+        grids = [self.token_grid(r.latents) for r in references]
+        offsets = reference_offsets([r.task for r in references], target_grid, grids)
+        return [self._reference_stream(ref, grid, offset) for ref, grid, offset in zip(references, grids, offsets)]
+
     # ---- reference branch -----------------------------------------------------------------------------
     def encode_references(
         self, references: Sequence[ReferenceInput], target_grid: Grid, cache: ReferenceCache | None = None
@@ -381,9 +400,7 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         cache = ReferenceCache(target_grid=tuple(target_grid)) if cache is None else cache
         if cache.kv or cache.target_grid != tuple(target_grid):
             raise ValueError(f"expected an empty reference cache for target grid {tuple(target_grid)}")
-        grids = [self.token_grid(r.latents) for r in references]
-        offsets = reference_offsets([r.task for r in references], target_grid, grids)
-        streams = [self._reference_stream(ref, grid, offset) for ref, grid, offset in zip(references, grids, offsets)]
+        streams = self._reference_streams(references, target_grid)
         for i, block in enumerate(self.blocks):  # block-major: each layer's keys/values exist once
             layer = []
             for j, (x, proj, rope, text) in enumerate(streams):
@@ -410,14 +427,15 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         hidden_states: (B, 2z + 4, F, H, W) target input; timestep: (B,) or per-token (B, f*h*w);
         encoder_hidden_states: (B, L, text_dim) prompt; encoder_hidden_states_image: (B, N, image_dim)
-        CLIP tokens of the first frame or None. References are given as inputs (encoded here at every call), as a
-        cache from ``encode_references``, or as both: an empty cache is then filled here at the first call and
-        read at the next (so the reference branch runs inside ``forward``, where offloading and FSDP hooks make
-        the weights present). ``step_cache``: this generation's (``step_cache.py``), which may skip every block
-        after the first at this step.
+        CLIP tokens of the first frame or None. References are given as inputs (run here at every call, each layer
+        with the target's in one block call: ``OmniTransferBlock.forward``'s ``references``), as a cache from
+        ``encode_references``, or as both: an empty cache is then filled here at the first call and read at the
+        next (so the reference branch runs inside ``forward``, where offloading and FSDP hooks make the weights
+        present). ``step_cache``: this generation's (``step_cache.py``), which may skip every block after the
+        first at this step.
         """
         grid = self.token_grid(hidden_states)
-        if references and (reference_cache is None or not reference_cache.kv):
+        if references and reference_cache is not None and not reference_cache.kv:
             reference_cache = self.encode_references(references, grid, reference_cache)
         if reference_cache is not None and reference_cache.target_grid != grid:
             raise ValueError(f"reference cache built for target grid {reference_cache.target_grid}, got {grid}")
@@ -426,6 +444,7 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image
         )
         rope = self._rope(grid, (0, 0, 0), x.device)
+        last = len(self.blocks) - 1
 
         def blocks(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
             for i in range(start, stop):
@@ -433,6 +452,17 @@ class OmniTransferTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 x, _ = self.blocks[i](x, proj, rope, text, image, extra_kv=extra)
             return x
 
-        x = run_blocks(blocks, x, len(self.blocks), lambda h: h, step_cache)
+        def pairs(state: tuple, start: int, stop: int) -> tuple:  # (target tokens, reference streams)
+            x, refs = state
+            for i in range(start, stop):
+                x, _, tokens = self.blocks[i](x, proj, rope, text, image, kv_only=i == last, references=refs)
+                refs = [(t, *ref[1:]) for t, ref in zip(tokens, refs)]
+            return x, refs
+
+        if references and reference_cache is None:
+            state = (x, self._reference_streams(references, grid))
+            x = run_blocks(pairs, state, len(self.blocks), lambda s: s[0], step_cache)
+        else:
+            x = run_blocks(blocks, x, len(self.blocks), lambda h: h, step_cache)
         out = self._head(x, temb, grid)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)

@@ -5,11 +5,11 @@ checkpointing per block and a micro-batch of B samples:
 - master weights, gradients and AdamW moments: 4 + 4 + 8 bytes per parameter, divided by N;
 - working weights: the gathered compute-dtype weights of the block in use and of the prefetched one,
   and the full-size gradient of the block being reduced;
-- activations kept for backward: for every block, its input on both branches (target and
-  reference tokens) plus the reference keys and values the target attends to:
-  blocks x B x D x (S_target + S_reference + 2 S_reference) x compute bytes;
-- the recomputation of one block during backward: everything that block saves for its own backward
-  (about 24 hidden-size tensors per token -- norms, modulations, q/k/v before and after their norms
+- activations kept for backward: for every block, its input on both branches (target and reference
+  tokens: a block runs the layer's references and the target in one checkpointed call, so the references'
+  keys and values are recomputed rather than kept): blocks x B x D x (S_target + S_reference) x compute bytes;
+- the recomputation of one block call during backward: everything it saves for its own backward on both
+  branches (about 24 hidden-size tensors per token -- norms, modulations, q/k/v before and after their norms
   and rotation, attention and projection outputs, cross-attention -- and two FFN-size ones), plus the
   target's keys/values concatenated with the reference's; attention itself is a fused kernel (O(S)).
 
@@ -68,6 +68,6 @@ def estimate(
     states = total * (master_bytes * 2 + 8) / num_gpus  # weights, gradients (master dtype), AdamW m and v (fp32)
     working = per_block * compute_bytes * (1 + prefetch) + per_block * master_bytes
     s_t, s_r = target_tokens / cp, reference_tokens / cp  # each GPU's share of every sequence
-    activations = blocks * micro_batch * dim * (s_t + 3 * s_r) * compute_bytes
-    recompute = micro_batch * (max(s_t, s_r) * (2 * ffn + 24 * dim) + 2 * (s_t + s_r) * dim) * compute_bytes
+    activations = blocks * micro_batch * dim * (s_t + s_r) * compute_bytes
+    recompute = micro_batch * ((s_t + s_r) * (2 * ffn + 24 * dim) + 2 * (s_t + s_r) * dim) * compute_bytes
     return MemoryEstimate(states, working, activations, recompute)
