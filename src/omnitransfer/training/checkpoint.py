@@ -81,22 +81,15 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict], n
     return {"state": state, "param_groups": groups}
 
 
-def _renamed(state: dict, rename: Callable[[str], str]) -> dict:
-    """A state dict (``{name: tensor}`` or the state-dict API's optimizer layout) with every name renamed."""
-    if "state" in state and "param_groups" in state:
-        groups = [{**g, "params": [rename(p) for p in g["params"]]} for g in state["param_groups"]]
-        return {"state": {rename(k): v for k, v in state["state"].items()}, "param_groups": groups}
-    return {rename(k): v for k, v in state.items()}
-
-
 def _stepped(model, optimizer) -> list[str]:
     """Clean names of the parameters ``optimizer`` holds a state for (has stepped)."""
     return sorted(clean_name(n) for n, p in unwrap(model).named_parameters() if p in optimizer.state)
 
 
 def sharded_weights(model) -> dict[str, torch.Tensor]:
-    """The DiT's weights by clean name, as this process holds them (its FSDP shards, else whole)."""
-    return _renamed(get_model_state_dict(model), clean_name)
+    """The DiT's weights by clean name (the state-dict API drops the wrappers' prefixes), as this process holds
+    them (its FSDP shards, else whole)."""
+    return get_model_state_dict(model)
 
 
 def load_starting_weights(model, folder: Path) -> None:
@@ -115,7 +108,7 @@ def _dit_state(model, optimizer, ema) -> dict:
     (the state-dict API makes up a zero state for parameters never stepped) and the EMA."""
     state = {"model": sharded_weights(model)}
     if optimizer is not None:
-        state["optimizer"] = _renamed(get_optimizer_state_dict(model, optimizer), clean_name)
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     if ema is not None:
         state["ema"] = ema.state()
     return state
@@ -294,10 +287,7 @@ def load_optimizer_state(checkpoint: Path, model, optimizer) -> None:
     state = {"optimizer": _dit_state(model, optimizer, None)["optimizer"]}
     _read(checkpoint, state, partial=True)  # the made-up states of the parameters never stepped are not saved
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
-    live, stepped, params = _live_names(model), set(meta.get("stepped", [])), dict(unwrap(model).named_parameters())
-    for clean, name in live.items():
-        if clean not in stepped:
-            optimizer.state.pop(params[name], None)
+    _forget_unstepped(model, optimizer, set(meta.get("stepped", [])))
 
 
 def load_alignment_optimizer_state(checkpoint: Path, module, optimizer) -> None:
@@ -308,9 +298,14 @@ def load_alignment_optimizer_state(checkpoint: Path, module, optimizer) -> None:
     state = _unflatten_optimizer(tensors, meta["alignment_param_groups"], live, checkpoint)
     options = StateDictOptions(full_state_dict=True, strict=False)  # the never-stepped ones have no state
     set_optimizer_state_dict(module, optimizer, state, options=options)
-    stepped = {key.split("::")[0] for key in tensors}
-    params = dict(unwrap(module).named_parameters())
-    for clean, name in live.items():
+    _forget_unstepped(module, optimizer, {key.split("::")[0] for key in tensors})
+
+
+def _forget_unstepped(model, optimizer, stepped: set[str]) -> None:
+    """Drop the state the state-dict API made up for every parameter not in ``stepped`` (clean names), so that
+    such a parameter starts its first step as in a run that never stopped."""
+    params = dict(unwrap(model).named_parameters())
+    for clean, name in _live_names(model).items():
         if clean not in stepped:
             optimizer.state.pop(params[name], None)
 

@@ -74,20 +74,21 @@ def starting_folder(config: TrainConfig) -> Path:
     return folder
 
 
-def reads_its_shard(config: TrainConfig, world: World) -> bool:
+def reads_its_shard(config: TrainConfig, world: World, folder: Path) -> bool:
     """Whether each process builds the starting transformer empty and reads only its FSDP shard of the weights
     (``checkpoint.load_starting_weights``): under FSDP, for a model whose every weight is in the folder (not a VAP
-    expert copied from a plain Wan backbone) and without LoRA (whose fresh factors are drawn, not read)."""
+    expert copied from a plain Wan backbone) and without LoRA (whose fresh factors are drawn, not read); ``folder``:
+    the ``starting_folder``."""
     if strategy_for(config.parallel, world) != "fsdp" or config.lora.rank > 0:
         return False
-    stored = read_document(starting_folder(config) / "config.json", "JSON", "a JSON object (a transformer config)")
+    stored = read_document(folder / "config.json", "JSON", "a JSON object (a transformer config)")
     return get_method(config.method) is not VAPTransformer or "block_idx_with_mot_ref" in stored
 
 
-def empty_transformer(config: TrainConfig) -> OmniTransferTransformer:
-    """The starting transformer's architecture on the meta device (no memory), its folder's weights checked
-    against it (``weights.check_component``), to be sharded and then filled (``reads_its_shard``)."""
-    folder = starting_folder(config)
+def empty_transformer(config: TrainConfig, folder: Path) -> OmniTransferTransformer:
+    """The starting transformer's architecture on the meta device (no memory), the weights of ``folder`` (the
+    ``starting_folder``) checked against it (``weights.check_component``), to be sharded and then filled
+    (``reads_its_shard``)."""
     model_class = get_method(config.method)
     stored = read_document(folder / "config.json", "JSON", "a JSON object (a transformer config)")
     check_component(model_class, folder, stored)
@@ -228,8 +229,9 @@ class Trainer:
             )
         self.end = min(config.total_steps, max_steps) if max_steps is not None else config.total_steps
 
-        sharded_start = reads_its_shard(config, self.world)
-        plain = empty_transformer(config) if sharded_start else starting_transformer(config)
+        start_folder = starting_folder(config)
+        sharded_start = reads_its_shard(config, self.world, start_folder)
+        plain = empty_transformer(config, start_folder) if sharded_start else starting_transformer(config)
         if self.world.cp > 1:  # training chooses no attention kernel: PyTorch's SDPA, which Ring cannot use
             names = ("parallel.ulysses", "parallel.ring")
             check_degrees(config.parallel.ulysses, config.parallel.ring, None, plain.config.num_attention_heads,
@@ -247,7 +249,7 @@ class Trainer:
             check_architecture(self.resume_from, read_meta(self.resume_from), self.architecture)
         self.model = parallelize(plain, config.parallel, self.world)
         if sharded_start:
-            load_starting_weights(self.model, starting_folder(config))
+            load_starting_weights(self.model, start_folder)
         self.ema = self.alignment_ema = None
         if config.ema_decay:
             named = ((clean_name(n), p) for n, p in unwrap(self.model).named_parameters())
@@ -319,9 +321,8 @@ class Trainer:
         indices = self.plan.batch(step)
         per_rank = len(indices) // world.data_size
         start = world.data_rank * per_rank
-        mine = list(
-            range(start, start + per_rank)
-        )  # positions in the global batch (alike on a data rank's cp processes)
+        # positions in the global batch (alike on a data rank's cp processes)
+        mine = list(range(start, start + per_rank))
         chunks = [mine[i : i + config.micro_batch] for i in range(0, per_rank, config.micro_batch)]
         null = self.cache.null_prompt.to(world.device)
         timesteps = config.timesteps if stage.shift is None else replace(config.timesteps, shift=stage.shift)
