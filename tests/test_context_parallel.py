@@ -1,6 +1,7 @@
-"""Context-parallel generation (omnitransfer.context_parallel, `--ulysses`): two gloo processes on the CPU, each
-holding half of every token sequence, generate what one process does, for every method; each holds half of
-OmniTransfer's reference cache; the command line writes the same video from rank 0 only."""
+"""Context-parallel generation (omnitransfer.context_parallel, `--ulysses`, `--ring`): two gloo processes on the
+CPU, each holding half of every token sequence, generate what one process does, for every method, with Ulysses
+and with Ring; each holds half of OmniTransfer's reference cache; the command line writes the same video from
+rank 0 only."""
 
 import os
 import subprocess
@@ -36,6 +37,7 @@ CASES = {
     "vap": ("vap", dict(tasks=("motion",))),
     "full-attention": ("full-attention", dict(tasks=("id",))),
 }
+RING_CASES = ("omnitransfer", "omnitransfer-no-cache", "vap", "full-attention")  # the same, split by Ring
 
 
 def generate(pipe, tasks, steps=2, **kwargs) -> torch.Tensor:
@@ -83,11 +85,16 @@ def one_process(model_dir):
     return found, cached_reference_tokens(pipes["omnitransfer"]), last_block_calls(pipes["omnitransfer"])
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, *(f"ring/{name}" for name in RING_CASES)])
 def test_two_processes_generate_what_one_does(case, two_processes, one_process):
-    expected = one_process[0][case]
+    expected = one_process[0][case.removeprefix("ring/")]
     for rank in two_processes:
         assert (rank[case] - expected).abs().max().item() <= 1e-5, case
+
+
+def test_ring_ran_through_its_kernel(two_processes):
+    """Ring's cases went through the log-sum-exp kernel, once per Ring step of each self-attention."""
+    assert all(int(rank["ring/kernel_calls"]) > 0 for rank in two_processes)
 
 
 def test_every_process_skips_the_steps_one_process_skips(two_processes, one_process):
@@ -99,6 +106,7 @@ def test_every_process_skips_the_steps_one_process_skips(two_processes, one_proc
 def test_each_process_holds_half_of_the_reference_cache(two_processes, one_process):
     whole = one_process[1]
     assert whole == 18 and [int(rank["cache_tokens"]) for rank in two_processes] == [whole // 2] * 2
+    assert [int(rank["ring/cache_tokens"]) for rank in two_processes] == [whole // 2] * 2
 
 
 def test_the_degrees_are_checked_in_one_line():
