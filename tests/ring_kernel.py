@@ -58,3 +58,12 @@ def install() -> None:
     """Register ``attention`` as ``_native_flash`` with context-parallel support, in this process."""
     register = dispatch._AttentionBackendRegistry.register
     register(dispatch.AttentionBackendName(NAME), constraints=[], supports_context_parallel=True)(attention)
+
+
+if __name__ == "__main__":  # the command line with the kernel installed: python ring_kernel.py train ...
+    import sys
+
+    from omnitransfer.cli import main
+
+    install()
+    sys.exit(main(sys.argv[1:]))

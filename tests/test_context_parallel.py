@@ -117,6 +117,10 @@ def test_the_degrees_are_checked_in_one_line():
         check_degrees(3, 1, 3, heads=40)
     with pytest.raises(InputError, match="--ring 2: attention kernel 'native' returns no log-sum-exp"):
         check_degrees(1, 2, 2, heads=40)
+    training = ("parallel.ulysses", "parallel.ring", "parallel.attention")
+    with pytest.raises(InputError, match="parallel.ring 2: .* use parallel.attention with one of .*_native_flash"):
+        check_degrees(1, 2, None, 40, "native", training)
+    check_degrees(1, 2, None, 40, "_native_flash", training)
     with pytest.raises(InputError, match="--ulysses 0: expected 1 or more"):
         check_degrees(0, 1, 1)
 

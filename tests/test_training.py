@@ -52,16 +52,19 @@ def cache(tmp_path_factory) -> Path:
     return out
 
 
-def train(cache: Path, output: Path, *sets: str, procs: int = 1, resume: bool = False, wait: bool = True):
+def train(cache: Path, output: Path, *sets: str, procs: int = 1, resume: bool = False, wait: bool = True,
+          ring_kernel: bool = False):  # fmt: skip
+    """`train` in new processes (torchrun for several); ``ring_kernel``: with the CPU kernel Ring needs installed
+    (``ring_kernel.py``)."""
     args = ["train", "--config", TOY, "--output", output, "--set", f"data={cache}", "--set", "log_every=1"]
     args += ["--resume"] if resume else []
     for s in sets:
         args += ["--set", s]
-    launcher = [sys.executable, "-m", "omnitransfer.cli"]
+    program = [str(Path(__file__).parent / "ring_kernel.py")] if ring_kernel else ["-m", "omnitransfer.cli"]
+    launcher = [sys.executable]
     if procs > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-                    "-m", "omnitransfer.cli"]  # fmt: skip
-    cmd = launcher + [str(a) for a in args]
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+    cmd = launcher + program + [str(a) for a in args]
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
@@ -110,11 +113,14 @@ def one_process(cache, tmp_path_factory) -> tuple[subprocess.CompletedProcess, P
     return train_here(cache, run, *ONE_PROCESS_SETS), run
 
 
-def test_two_processes_match_one(cache, one_process, tmp_path):
-    """Same global batch (4): one process accumulating 2 micro-batches of 2 == two DDP processes of 2 each. (FSDP's
-    match: the context-parallel test below, and the sharded checkpoint's one-process continuation.)"""
+def test_ddp_and_ring_processes_match_one(cache, one_process, tmp_path):
+    """Two DDP processes, each sample's tokens split over both by Ring (parallel.ring: 2, one data rank
+    accumulating 2 micro-batches of 2, through the CPU kernel of ring_kernel.py) == one process. (Plain data
+    parallelism's match: the FSDP x Ulysses test below, the sharded checkpoint's one-process continuation, and
+    the alignment module's DDP test.)"""
     one, one_run = one_process
-    two = train(cache, tmp_path / "two", *ONE_PROCESS_SETS, "parallel.strategy=ddp", procs=2)
+    sets = ("parallel.strategy=ddp", "parallel.ring=2", "parallel.attention=_native_flash")
+    two = train(cache, tmp_path / "two", *ONE_PROCESS_SETS, *sets, procs=2, ring_kernel=True)
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]
     assert len(losses(one.stdout)) == len(losses(two.stdout)) == 3
@@ -147,6 +153,10 @@ def test_context_parallelism_the_processes_cannot_hold_stops_in_one_line(cache, 
     alone = train_here(cache, tmp_path / "run", "parallel.ulysses=2")  # one process for cp 2
     assert alone.returncode == 2 and alone.stderr.count("\n") == 1
     assert "parallel.ulysses x parallel.ring = 2 does not divide the 1 processes" in alone.stderr
+    assert not (tmp_path / "run").exists()
+    unknown = train_here(cache, tmp_path / "run", "parallel.attention=nonsense")
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
+    assert "parallel.attention 'nonsense': expected one of" in unknown.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -182,14 +192,15 @@ def test_killed_run_resumes_bitwise(cache, tmp_path):
 
 def test_a_sharded_checkpoint_resumes_on_the_same_or_another_number_of_processes(cache, tmp_path):
     """Two FSDP processes write their shards (no process gathers the model); the checkpoint of step 2 resumes on
-    two processes bitwise as if uninterrupted, and on one process from exactly the saved weights."""
+    two processes, and on one process accumulating the two processes' micro-batches, bitwise as if uninterrupted:
+    with two gradients to add, the order of the addition cannot differ (clip_grad_norm: the norm does not depend
+    on the sharding either)."""
     sets = ("stages=[{name: dit, steps: 4, trainable: blocks}]", "checkpoint_every=2", "keep_checkpoints=2",
             "parallel.strategy=fsdp", "ema_decay=0.9")  # fmt: skip
     whole = train(cache, tmp_path / "whole", *sets, procs=2)
     assert whole.returncode == 0, whole.stderr[-2000:]
     saved = tmp_path / "whole" / "checkpoints" / "step-00000002"
     assert not list(saved.glob("*.safetensors")) and len(list((saved / "state").glob("*.distcp"))) == 2
-    at_step_2 = saved_state(saved, tmp_path)
 
     def from_step_2(name: str) -> Path:
         run = tmp_path / name
@@ -206,14 +217,9 @@ def test_a_sharded_checkpoint_resumes_on_the_same_or_another_number_of_processes
 
     one = train_here(cache, from_step_2("one"), *sets[:-2], "parallel.strategy=none", "ema_decay=0.9", resume=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    np.testing.assert_allclose(losses(one.stdout), losses(whole.stdout)[-2:], rtol=1e-5)
-    for name, value in weights(tmp_path / "one").items():
-        torch.testing.assert_close(value, final[name], rtol=1e-4, atol=1e-5)
-    loaded = train_here(cache, from_step_2("loaded"), *sets[:-2], "parallel.strategy=none", "ema_decay=0",
-                        resume=True, max_steps=2)  # fmt: skip
-    assert loaded.returncode == 0, loaded.stderr[-2000:]  # trains nothing: exports the weights it loaded
-    exported = weights(tmp_path / "loaded")
-    assert all(torch.equal(exported[k], at_step_2["model"][k]) for k in exported)
+    assert losses(one.stdout) == losses(whole.stdout)[-2:]
+    resumed = weights(tmp_path / "one")
+    assert [k for k in final if not torch.equal(final[k], resumed[k])] == []
 
 
 def test_checkpoint_of_another_architecture_stops_before_training(cache, tmp_path):

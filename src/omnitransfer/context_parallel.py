@@ -33,11 +33,12 @@ RING_KERNELS = ("flash", "flash_hub", "_flash_3_hub", "_native_cudnn", "_native_
 
 def check_degrees(
     ulysses: int, ring: int, world_size: int | None, heads: int | None = None, attention: str | None = None,
-    names: tuple[str, str] = ("--ulysses", "--ring"),
+    names: tuple[str, str, str] = ("--ulysses", "--ring", "--attention"),
 ) -> None:  # fmt: skip
-    """One line (InputError, naming the inputs ``names``) unless ``ulysses`` x ``ring`` processes split ``heads``
-    attention heads over a world of ``world_size`` (None: not checked), with an attention kernel Ring can use."""
-    for name, degree in zip(names, (ulysses, ring)):
+    """One line (InputError, naming the inputs ``names``: the degrees and the kernel) unless ``ulysses`` x ``ring``
+    processes split ``heads`` attention heads over a world of ``world_size`` (None: not checked), with an
+    ``attention`` kernel (None: PyTorch's SDPA, "native") Ring can use."""
+    for name, degree in zip(names[:2], (ulysses, ring)):
         if degree < 1:
             raise InputError(f"{name} {degree}: expected 1 or more processes")
     if world_size is not None and ulysses * ring != world_size:
@@ -50,7 +51,7 @@ def check_degrees(
     if ring > 1 and (attention or "native") not in RING_KERNELS:
         raise InputError(
             f"{names[1]} {ring}: attention kernel {attention or 'native'!r} returns no log-sum-exp; "
-            f"use --attention with one of {', '.join(RING_KERNELS)}"
+            f"use {names[2]} with one of {', '.join(RING_KERNELS)}"
         )
 
 

@@ -71,6 +71,8 @@ class Parallel:
     # which then share one data-parallel rank; FSDP or DDP spans all processes
     ulysses: int = 1
     ring: int = 1
+    # diffusers' attention kernel (as generate's --attention); Ring needs one that returns the log-sum-exp
+    attention: str = "native"
 
 
 @dataclass

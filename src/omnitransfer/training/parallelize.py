@@ -150,13 +150,26 @@ def gradient_sync(model: torch.nn.Module, enabled: bool):
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """``clip_grad_norm_`` over parameters of which some may be FSDP-sharded (DTensor) and others
-    replicated (the alignment module's): the norm of all gradients together, one factor for all."""
-    groups = [[p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]]
-    if not all(groups):
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    norms = [torch.nn.utils.clip_grad_norm_(group, float("inf")) for group in groups]  # the norms, nothing scaled
-    total = math.sqrt(sum(float(n.full_tensor() if isinstance(n, DTensor) else n) ** 2 for n in norms))
+    """Scale the gradients of ``params`` (FSDP-sharded DTensors, replicated tensors, or both) to a total norm of at
+    most ``max_norm``, one factor for all; returns the norm before.
+
+    The squares add up in float64, so the norm, and the factor rounded to float32, come out the same however
+    FSDP shards the gradients: a run resumed on another number of processes scales its gradients as the
+    uninterrupted run did (torch's ``clip_grad_norm_`` adds float32 norms shard by shard)."""
+    squares = torch.zeros((), dtype=torch.float64)
+    sharded: dict = {}  # device mesh -> the sum of squares of its local shards, added over its processes below
+    for p in params:
+        if p.grad is None:
+            continue
+        if isinstance(p.grad, DTensor):  # FSDP's shards, Shard(0) on a 1-D mesh
+            local = torch.linalg.vector_norm(p.grad.to_local(), dtype=torch.float64) ** 2
+            sharded[p.grad.device_mesh] = sharded.get(p.grad.device_mesh, 0) + local
+        else:
+            squares += torch.linalg.vector_norm(p.grad, dtype=torch.float64).cpu() ** 2
+    for mesh, local in sharded.items():
+        dist.all_reduce(local, group=mesh.get_group())
+        squares += local.cpu()
+    total = math.sqrt(float(squares))
     scale = max_norm / (total + 1e-6)
     if scale < 1.0:
         for p in params:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..attention_backends import set_attention
 from ..codecs import load_codec, to_uint8
 from ..conditioning import target_condition
 from ..context_parallel import check_degrees
@@ -232,10 +233,10 @@ class Trainer:
         start_folder = starting_folder(config)
         sharded_start = reads_its_shard(config, self.world, start_folder)
         plain = empty_transformer(config, start_folder) if sharded_start else starting_transformer(config)
-        if self.world.cp > 1:  # training chooses no attention kernel: PyTorch's SDPA, which Ring cannot use
-            names = ("parallel.ulysses", "parallel.ring")
+        if self.world.cp > 1:
+            names = ("parallel.ulysses", "parallel.ring", "parallel.attention")
             check_degrees(config.parallel.ulysses, config.parallel.ring, None, plain.config.num_attention_heads,
-                          names=names)  # fmt: skip
+                          config.parallel.attention, names)  # fmt: skip
             self._check_split(plain)
         self.alignment = aligning.build_alignment(config, plain.config.text_dim)
         self.use_prefix = False
@@ -250,6 +251,7 @@ class Trainer:
         self.model = parallelize(plain, config.parallel, self.world)
         if sharded_start:
             load_starting_weights(self.model, start_folder)
+        set_attention(unwrap(self.model), config.parallel.attention, "parallel.attention")  # tried on the device
         self.ema = self.alignment_ema = None
         if config.ema_decay:
             named = ((clean_name(n), p) for n, p in unwrap(self.model).named_parameters())
