@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import cli_here
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from omnitransfer.cli import main as cli_main
 from omnitransfer.errors import InputError
@@ -220,6 +220,38 @@ def test_a_sharded_checkpoint_resumes_on_the_same_or_another_number_of_processes
     assert losses(one.stdout) == losses(whole.stdout)[-2:]
     resumed = weights(tmp_path / "one")
     assert [k for k in final if not torch.equal(final[k], resumed[k])] == []
+
+
+def as_whole_tensors(checkpoint: Path, scratch: Path) -> None:
+    """Rewrite a checkpoint in the layout written before checkpoints were sharded: whole tensors in
+    model/optimizer/ema.safetensors (optimizer entries "name::field"), the parameter groups in trainer.json."""
+    state = saved_state(checkpoint, scratch)
+    save_file(state["model"], checkpoint / "model.safetensors")
+    save_file(state["ema"], checkpoint / "ema.safetensors")
+    moments = {f"{name}::{field}": torch.as_tensor(value).contiguous()
+               for name, fields in state["optimizer"]["state"].items() for field, value in fields.items()}  # fmt: skip
+    save_file(moments, checkpoint / "optimizer.safetensors")
+    meta = json.loads((checkpoint / "trainer.json").read_text())
+    meta["param_groups"] = state["optimizer"]["param_groups"]
+    del meta["stepped"]
+    (checkpoint / "trainer.json").write_text(json.dumps(meta))
+    shutil.rmtree(checkpoint / "state")
+
+
+def test_a_checkpoint_of_whole_tensors_from_before_sharding_resumes_bitwise(cache, tmp_path):
+    sets = ("stages=[{name: dit, steps: 4, trainable: blocks}]", "checkpoint_every=2", "ema_decay=0.9")
+    whole = train_here(cache, tmp_path / "whole", *sets)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    run = tmp_path / "old"
+    shutil.copytree(tmp_path / "whole", run)
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    shutil.rmtree(run / "model")
+    as_whole_tensors(run / "checkpoints" / "step-00000002", tmp_path)
+    resumed = train_here(cache, run, *sets, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert losses(resumed.stdout) == losses(whole.stdout)[-2:]
+    final, again = weights(tmp_path / "whole"), weights(run)
+    assert [k for k in final if not torch.equal(final[k], again[k])] == []
 
 
 def test_checkpoint_of_another_architecture_stops_before_training(cache, tmp_path):

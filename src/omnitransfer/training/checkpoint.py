@@ -11,6 +11,9 @@ written under a temporary name and renamed when complete, so a kill at any momen
 checkpoint or the new one. The learning-rate schedule, the data order and every random draw are pure functions
 of (seed, step), so the step is the whole of the scheduler, data and RNG state. Every process must call
 ``save``/``load`` (they are collective).
+
+Checkpoints written before sharding (whole tensors: ``model.safetensors``, ``optimizer.safetensors`` with its
+parameter groups in ``trainer.json``, ``ema.safetensors``) still resume: every process reads them whole.
 """
 
 from __future__ import annotations
@@ -258,9 +261,30 @@ def _read(checkpoint: Path, state: dict, partial: bool = False) -> None:
         raise InputError(f"{checkpoint}: the sharded state does not fit this run's model ({first})") from None
 
 
+def _whole(checkpoint: Path) -> bool:
+    """Whether a checkpoint predates sharding: whole tensors in safetensors files (module docstring)."""
+    return not (checkpoint / STATE).exists() and (checkpoint / "model.safetensors").is_file()
+
+
+def _load_whole_model(checkpoint: Path, model, ema) -> None:
+    """Restore the weights and the EMA from a checkpoint of whole tensors (each process reads them whole)."""
+    weights = _load(checkpoint, "model", "an incomplete checkpoint")
+    averages = _load(checkpoint, "ema", NO_EMA) if ema is not None else {}
+    try:
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+        if ema is not None:
+            ema.load_full_state(averages)
+    except (RuntimeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{checkpoint}: the weights do not fit this run's model ({first})") from None
+
+
 def load_model_state(checkpoint: Path, model, ema) -> dict:
     """Collective: restore the weights and the EMA in place; returns trainer.json."""
     meta = read_meta(checkpoint)
+    if _whole(checkpoint):
+        _load_whole_model(checkpoint, model, ema)
+        return meta
     parts = _saved_parts(checkpoint)
     if ema is not None and "ema" not in parts:
         raise InputError(f"{checkpoint}: holds no EMA ({NO_EMA})")
@@ -281,6 +305,9 @@ def load_alignment_state(checkpoint: Path, module, ema) -> None:
 def load_optimizer_state(checkpoint: Path, model, optimizer) -> None:
     """Collective: restore the DiT's AdamW state of the stage the checkpoint was saved in. A parameter that had no
     state when it was saved (never stepped) has none after it either, as in a run that never stopped."""
+    if _whole(checkpoint):
+        _load_whole_optimizer(checkpoint, model, optimizer, "")
+        return
     meta = read_meta(checkpoint)
     if "optimizer" not in _saved_parts(checkpoint):
         raise InputError(f"{checkpoint}: holds no optimizer state (an incomplete checkpoint)")
@@ -292,10 +319,18 @@ def load_optimizer_state(checkpoint: Path, model, optimizer) -> None:
 
 def load_alignment_optimizer_state(checkpoint: Path, module, optimizer) -> None:
     """Restore the alignment module's AdamW state (replicated, in ``alignment_optimizer.safetensors``)."""
+    _load_whole_optimizer(checkpoint, module, optimizer, "alignment_")
+
+
+def _load_whole_optimizer(checkpoint: Path, module, optimizer, prefix: str) -> None:
+    """Restore AdamW state from whole tensors: ``{prefix}optimizer.safetensors`` and trainer.json's
+    ``{prefix}param_groups`` (the alignment module's, or the DiT's in a checkpoint that predates sharding)."""
     meta = read_meta(checkpoint)
     live = _live_names(module)
-    tensors = _load(checkpoint, "alignment_optimizer", "an incomplete checkpoint")
-    state = _unflatten_optimizer(tensors, meta["alignment_param_groups"], live, checkpoint)
+    tensors = _load(checkpoint, f"{prefix}optimizer", "an incomplete checkpoint")
+    if f"{prefix}param_groups" not in meta:
+        raise InputError(f"{checkpoint / 'trainer.json'}: no {prefix}param_groups (an incomplete checkpoint)")
+    state = _unflatten_optimizer(tensors, meta[f"{prefix}param_groups"], live, checkpoint)
     options = StateDictOptions(full_state_dict=True, strict=False)  # the never-stepped ones have no state
     set_optimizer_state_dict(module, optimizer, state, options=options)
     _forget_unstepped(module, optimizer, {key.split("::")[0] for key in tensors})
