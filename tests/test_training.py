@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from omnitransfer.cli import main as cli_main
 from omnitransfer.errors import InputError
+from omnitransfer.methods import load_transformer
 from omnitransfer.video import save_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,11 +195,12 @@ def test_a_sharded_checkpoint_resumes_on_the_same_or_another_number_of_processes
     """Two FSDP processes write their shards (no process gathers the model); the checkpoint of step 2 resumes on
     two processes, and on one process accumulating the two processes' micro-batches, bitwise as if uninterrupted:
     with two gradients to add, the order of the addition cannot differ (clip_grad_norm: the norm does not depend
-    on the sharding either)."""
+    on the sharding either). With LoRA: its factors come from the seed, whatever the number of processes."""
     sets = ("stages=[{name: dit, steps: 4, trainable: blocks}]", "checkpoint_every=2", "keep_checkpoints=2",
-            "parallel.strategy=fsdp", "ema_decay=0.9")  # fmt: skip
+            "lora.rank=4", "parallel.strategy=fsdp", "ema_decay=0.9")  # fmt: skip
     whole = train(cache, tmp_path / "whole", *sets, procs=2)
     assert whole.returncode == 0, whole.stderr[-2000:]
+    assert "starting_weights=own-shard-per-process" in whole.stdout  # built empty, LoRA factors drawn from the seed
     saved = tmp_path / "whole" / "checkpoints" / "step-00000002"
     assert not list(saved.glob("*.safetensors")) and len(list((saved / "state").glob("*.distcp"))) == 2
 
@@ -220,6 +222,13 @@ def test_a_sharded_checkpoint_resumes_on_the_same_or_another_number_of_processes
     assert losses(one.stdout) == losses(whole.stdout)[-2:]
     resumed = weights(tmp_path / "one")
     assert [k for k in final if not torch.equal(final[k], resumed[k])] == []
+
+    # and one process from the start (the whole starting weights, the same LoRA factors) ends where two did
+    alone = train_here(cache, tmp_path / "alone", *sets[:-2], "parallel.strategy=none", "ema_decay=0.9")
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert losses(alone.stdout) == losses(whole.stdout)
+    unsplit = weights(tmp_path / "alone")
+    assert [k for k in final if not torch.equal(final[k], unsplit[k])] == []
 
 
 def as_whole_tensors(checkpoint: Path, scratch: Path) -> None:
@@ -472,7 +481,6 @@ def test_vap_trains_its_expert_only_from_a_cache_with_reference_first_frames(tmp
 
 def test_vap_stage_sets_expert_only_or_everything():
     """A "blocks" stage trains VAP's expert over the frozen backbone; "all" (from scratch) the backbone too."""
-    from omnitransfer.methods import load_transformer
     from omnitransfer.training.config import Stage
     from omnitransfer.training.trainer import trainable_names
 
@@ -484,6 +492,44 @@ def test_vap_stage_sets_expert_only_or_everything():
     assert len(blocks) == len(expert) < len(every)
     assert trainable_names(model, Stage("dit", 1, "all"), lora=False) == every
     assert trainable_names(model, Stage("connector", 1, "connector"), lora=False) == set()
+
+
+@pytest.mark.parametrize("method, lora_rank", [("vap", 0), ("omnitransfer", 4), ("vap", 4)])
+def test_a_model_built_empty_and_read_by_name_starts_as_one_loaded_whole(method, lora_rank):
+    """What FSDP processes do (trainer.reads_its_shard), here on one process over plain tensors: the model built on
+    the meta device, given memory, read through weight_sources (VAP's expert from the plain Wan backbone it copies,
+    LoRA-wrapped weights from their base names), LoRA factors drawn from the seed: equal to the whole load."""
+    from omnitransfer.training import lora
+    from omnitransfer.training.checkpoint import load_starting_weights
+    from omnitransfer.training.config import Lora
+    from omnitransfer.training.trainer import weight_sources
+
+    folder = ROOT / "src/omnitransfer/embedded/transformer"  # plain Wan weights: VAP copies its expert
+    models = []
+    for empty in (False, True):
+        model = load_transformer(method, folder, empty=empty)
+        if lora_rank:
+            lora.add_adapters(model, Lora(rank=lora_rank))
+        if empty:
+            model.to_empty(device="cpu")
+            load_starting_weights(model, folder, weight_sources(model, method, folder))
+        if lora_rank:
+            lora.draw_factors(model, seed=7)
+        models.append(model.state_dict())
+    whole, read = models
+    assert whole.keys() == read.keys() and [k for k in whole if not torch.equal(whole[k], read[k])] == []
+    if method == "vap":
+        assert torch.equal(read["blocks.0.attn1_mot_ref.to_q.weight" if not lora_rank else
+                                "blocks.0.attn1_mot_ref.to_q.base_layer.weight"],
+                           read["blocks.0.attn1.to_q.weight" if not lora_rank else
+                                "blocks.0.attn1.to_q.base_layer.weight"])  # fmt: skip
+    if lora_rank:
+        a = read["blocks.0.attn1.to_q.lora_A.default.weight"]  # (rank, in_features)
+        assert 0 < a.abs().max() <= a.shape[1] ** -0.5 and not read["blocks.0.attn1.to_q.lora_B.default.weight"].any()
+        again = load_transformer(method, folder)
+        lora.add_adapters(again, Lora(rank=lora_rank))
+        lora.draw_factors(again, seed=8)
+        assert not torch.equal(again.state_dict()["blocks.0.attn1.to_q.lora_A.default.weight"], a)  # another seed
 
 
 def test_fsdp_bf16_with_checkpointing_ema_and_validation(cache, one_process, tmp_path):

@@ -38,24 +38,35 @@ def get_method(name: str) -> type[OmniTransferTransformer]:
 
 
 def load_transformer(
-    name: str, folder: Path, torch_dtype: torch.dtype = torch.float32, text_max_length: int | None = None
-) -> OmniTransferTransformer:
+    name: str, folder: Path, torch_dtype: torch.dtype = torch.float32, text_max_length: int | None = None,
+    empty: bool = False,
+) -> OmniTransferTransformer:  # fmt: skip
     """Method ``name``'s transformer from a diffusers-format transformer folder (safetensors only, checked
-    against its config before they load: `weights.check_component`).
+    against its config before they load: `weights.check_component`); ``empty``: its architecture on the meta
+    device, nothing read (to be sharded and then filled: ``training.checkpoint.load_starting_weights``).
 
     VAP from a plain Wan folder (no ``block_idx_with_mot_ref`` in its config) starts its expert as a copy
-    of the backbone: an untrained expert, to be trained or replaced by the published VAP weights. A VAP
-    config this code would run wrong (``vap.check_config``; ``text_max_length``: the prompts' padded
-    length) stops here, before any weight loads.
+    of the backbone: an untrained expert, to be trained or replaced by the published VAP weights
+    (``starts_from_backbone``). A VAP config this code would run wrong (``vap.check_config``;
+    ``text_max_length``: the prompts' padded length) stops here, before any weight loads.
     """
     model_class = get_method(name)
     path = Path(folder) / "config.json"
     config = read_document(path, "JSON", "a JSON object (a diffusers transformer config)")
     if model_class is VAPTransformer:
         check_config(config, str(path), text_max_length)
-    if model_class is VAPTransformer and "block_idx_with_mot_ref" not in config:
-        check_component(OmniTransferTransformer, folder, config)
+    from_backbone = starts_from_backbone(name, config)
+    check_component(OmniTransferTransformer if from_backbone else model_class, folder, config)
+    if empty:
+        with torch.device("meta"):
+            return model_class.from_config(config)
+    if from_backbone:
         backbone = OmniTransferTransformer.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
         return VAPTransformer.from_wan(backbone)
-    check_component(model_class, folder, config)
     return model_class.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
+
+
+def starts_from_backbone(name: str, config: dict) -> bool:
+    """Whether method ``name`` over a transformer folder with ``config`` starts an expert as a copy of the
+    backbone (VAP over plain Wan weights)."""
+    return get_method(name) is VAPTransformer and "block_idx_with_mot_ref" not in config

@@ -153,6 +153,12 @@ def expert_key(key: str, expert_blocks: Container[int]) -> str | None:
     return ".".join(parts)
 
 
+def backbone_key(key: str) -> str:
+    """The backbone parameter an expert parameter ``key`` is initialised from (``expert_key``'s inverse); any
+    other key unchanged."""
+    return key.replace(EXPERT_SUFFIX, "", 1)
+
+
 def expert_from_backbone(state_dict: dict[str, torch.Tensor], expert_blocks: Iterable[int]) -> dict:
     """Expert weights (published names) initialised as copies of a Wan state dict's backbone weights."""
     expert_blocks = set(expert_blocks)

@@ -95,14 +95,22 @@ def sharded_weights(model) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model)
 
 
-def load_starting_weights(model, folder: Path) -> None:
+def load_starting_weights(model, folder: Path, sources: dict[str, str]) -> None:
     """Collective: fill an FSDP model built empty (``parallelize`` of a meta model) from a diffusers transformer
     folder, each process reading only its own shard of every tensor (torch's ``HuggingFaceStorageReader``: slices of
-    the safetensors files), so no process ever holds the whole model."""
+    the safetensors files), so no process ever holds the whole model. ``sources``: each weight's (clean name) tensor
+    in the files; weights absent from it are left as they are (to be drawn)."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     state = sharded_weights(model)
-    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=not dist.is_initialized())
+    reads: list[dict[str, torch.Tensor]] = []  # file name -> the shard it fills; a file tensor once per read
+    for name, source in sources.items():
+        read = next((read for read in reads if source not in read), None)
+        if read is None:
+            reads.append(read := {})
+        read[source] = state[name]
+    for read in reads:  # DCP fills the shards in place
+        dcp.load(read, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=not dist.is_initialized())
     set_model_state_dict(model, state)  # the state-dict API's names are the clean ones
 
 
@@ -343,22 +351,6 @@ def _forget_unstepped(model, optimizer, stepped: set[str]) -> None:
     for clean, name in _live_names(model).items():
         if clean not in stepped:
             optimizer.state.pop(params[name], None)
-
-
-def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """Fold peft LoRA factors into their base weights: W = W0 + scale * B @ A; plain names again."""
-    merged = {}
-    for key, value in state.items():
-        if ".lora_" in key:
-            continue
-        if ".base_layer." in key:
-            prefix, name = key.split(".base_layer.")
-            if name == "weight":
-                a, b = state[f"{prefix}.lora_A.default.weight"], state[f"{prefix}.lora_B.default.weight"]
-                value = value + scale * (b.float() @ a.float()).to(value.dtype)
-            key = f"{prefix}.{name}"
-        merged[key] = value
-    return merged
 
 
 SHARD_BYTES = 10 * 2**30  # diffusers' default largest weight file

@@ -20,14 +20,14 @@ from ..conditioning import target_condition
 from ..context_parallel import check_degrees
 from ..errors import InputError
 from ..files import FolderLock, check_distinct, read_document, remove_temporaries
-from ..methods import get_method, load_transformer
+from ..methods import get_method, load_transformer, starts_from_backbone
 from ..model_folder import ALIGNMENT_FOLDER, export_base, find_component, resolved_settings
 from ..sampling import denoise, make_scheduler
 from ..transformer import OmniTransferTransformer
-from ..vap import VAPTransformer
+from ..vap import backbone_key
 from ..video import save_video
-from ..weights import check_component
 from . import alignment as aligning
+from . import lora
 from .batches import BatchPlan, collate
 from .cache import LatentCache
 from .checkpoint import (
@@ -40,7 +40,6 @@ from .checkpoint import (
     load_model_state,
     load_optimizer_state,
     load_starting_weights,
-    merge_lora,
     read_meta,
     save_checkpoint,
     sharded_weights,
@@ -75,38 +74,28 @@ def starting_folder(config: TrainConfig) -> Path:
     return folder
 
 
-def reads_its_shard(config: TrainConfig, world: World, folder: Path) -> bool:
+def reads_its_shard(config: TrainConfig, world: World) -> bool:
     """Whether each process builds the starting transformer empty and reads only its FSDP shard of the weights
-    (``checkpoint.load_starting_weights``): under FSDP, for a model whose every weight is in the folder (not a VAP
-    expert copied from a plain Wan backbone) and without LoRA (whose fresh factors are drawn, not read); ``folder``:
-    the ``starting_folder``."""
-    if strategy_for(config.parallel, world) != "fsdp" or config.lora.rank > 0:
-        return False
-    stored = read_document(folder / "config.json", "JSON", "a JSON object (a transformer config)")
-    return get_method(config.method) is not VAPTransformer or "block_idx_with_mot_ref" in stored
+    (``checkpoint.load_starting_weights``): under FSDP."""
+    return strategy_for(config.parallel, world) == "fsdp"
 
 
-def empty_transformer(config: TrainConfig, folder: Path) -> OmniTransferTransformer:
-    """The starting transformer's architecture on the meta device (no memory), the weights of ``folder`` (the
-    ``starting_folder``) checked against it (``weights.check_component``), to be sharded and then filled
-    (``reads_its_shard``)."""
-    model_class = get_method(config.method)
-    stored = read_document(folder / "config.json", "JSON", "a JSON object (a transformer config)")
-    check_component(model_class, folder, stored)
-    with torch.device("meta"):
-        return model_class.from_config(stored)
-
-
-def starting_transformer(config: TrainConfig) -> OmniTransferTransformer:
-    """The starting transformer (fp32 master weights) from ``starting_folder``, whole in this process; with LoRA
-    adapters when configured."""
-    model = load_transformer(config.method, starting_folder(config), torch.float32)
+def starting_transformer(config: TrainConfig, folder: Path, empty: bool) -> OmniTransferTransformer:
+    """The starting transformer (fp32 master weights) from ``folder`` (the ``starting_folder``), with LoRA adapters
+    when configured: whole in this process, or ``empty`` on the meta device (``reads_its_shard``)."""
+    model = load_transformer(config.method, folder, torch.float32, empty=empty)
     if config.lora.rank > 0:
-        from peft import LoraConfig
-
-        alpha = config.lora.alpha or config.lora.rank
-        model.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=alpha, target_modules=config.lora.targets))
+        lora.add_adapters(model, config.lora)
     return model
+
+
+def weight_sources(model: OmniTransferTransformer, method: str, folder: Path) -> dict[str, str]:
+    """Each weight's (clean name) tensor in ``folder``'s files: its own name without LoRA's wrapper, or for a VAP
+    expert over plain Wan weights the backbone weight it starts as a copy of; LoRA factors have none (drawn)."""
+    stored = read_document(folder / "config.json", "JSON", "a JSON object (a transformer config)")
+    copied = starts_from_backbone(method, stored)
+    names = [name for name in sharded_weights(model) if ".lora_" not in name]
+    return {name: backbone_key(lora.base_name(name)) if copied else lora.base_name(name) for name in names}
 
 
 def architecture(model: OmniTransferTransformer, config: TrainConfig, alignment=None) -> dict:
@@ -231,8 +220,8 @@ class Trainer:
         self.end = min(config.total_steps, max_steps) if max_steps is not None else config.total_steps
 
         start_folder = starting_folder(config)
-        sharded_start = reads_its_shard(config, self.world, start_folder)
-        plain = empty_transformer(config, start_folder) if sharded_start else starting_transformer(config)
+        sharded_start = reads_its_shard(config, self.world)
+        plain = starting_transformer(config, start_folder, empty=sharded_start)
         if self.world.cp > 1:
             names = ("parallel.ulysses", "parallel.ring", "parallel.attention")
             check_degrees(config.parallel.ulysses, config.parallel.ring, None, plain.config.num_attention_heads,
@@ -250,7 +239,9 @@ class Trainer:
             check_architecture(self.resume_from, read_meta(self.resume_from), self.architecture)
         self.model = parallelize(plain, config.parallel, self.world)
         if sharded_start:
-            load_starting_weights(self.model, start_folder)
+            load_starting_weights(self.model, start_folder, weight_sources(self.model, config.method, start_folder))
+        if config.lora.rank > 0:
+            lora.draw_factors(unwrap(self.model), config.seed)
         set_attention(unwrap(self.model), config.parallel.attention, "parallel.attention")  # tried on the device
         self.ema = self.alignment_ema = None
         if config.ema_decay:
@@ -453,7 +444,7 @@ class Trainer:
         ``base_model``: the base model's folder, or, when that is an export, the base it points at."""
         state = self.ema.state() if self.ema is not None else sharded_weights(self.model)  # this process's shards
         if self.config.lora.rank > 0:
-            state = merge_lora(state, (self.config.lora.alpha or self.config.lora.rank) / self.config.lora.rank)
+            state = lora.merge(state, (self.config.lora.alpha or self.config.lora.rank) / self.config.lora.rank)
         arch = {k: v for k, v in self.architecture.items() if k not in ("lora_rank", "alignment", "method")}
         info = self.cache.info
         settings = {"height": info["height"], "width": info["width"], "num_frames": info["num_frames"],
