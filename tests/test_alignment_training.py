@@ -239,7 +239,10 @@ def test_export_generates_with_its_alignment_module(world, whole):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_accumulating(world, whole, tmp_path, strategy):
     """global_batch 2: one process accumulating 2 micro-batches == two (gloo) processes of one each, the
-    DiT replicated (DDP) or sharded (FSDP), the alignment module replicated."""
+    DiT replicated (DDP: bitwise, two gradients add in either order alike) or sharded (FSDP), the alignment module
+    replicated. Under FSDP the weights agree within float rounding only, once the inputs the blocks share (the
+    context, the timestep embedding) need gradients: FSDP adds their gradients from the blocks in another order
+    (measured: bitwise when they need none, as in tests/test_training.py; here up to 1.5e-5 after 4 steps)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "omnitransfer.cli", "train", "--config", str(world["config"]), "--output", str(tmp_path / "two"),
            "--set", STAGES, "--set", LORA, "--set", f"parallel.strategy={strategy}"]  # fmt: skip
@@ -249,8 +252,10 @@ def test_two_processes_match_one_accumulating(world, whole, tmp_path, strategy):
     np.testing.assert_allclose(logged, [loss for _, loss in whole.history], rtol=5e-4)  # logged with 4 digits
     a, b = _exported(whole.output), _exported(tmp_path / "two")
     assert a.keys() == b.keys()
+    if strategy == "ddp":
+        assert [name for name in a if not torch.equal(a[name], b[name])] == []
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=3e-5)
 
 
 def test_mismatches_stop_with_one_line(world, whole, tmp_path):
