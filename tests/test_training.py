@@ -305,13 +305,14 @@ def test_training_loss_falls(cache, tmp_path):
     from omnitransfer.training.config import load_config
     from omnitransfer.training.trainer import Trainer
 
-    config = load_config(TOY, [f"data={cache}", "stages=[{name: dit, steps: 60, trainable: blocks}]",
-                               "prompt_dropout=0.0", "checkpoint_every=1000", "log_every=1000"])  # fmt: skip
+    config = load_config(TOY, [f"data={cache}", "stages=[{name: dit, steps: 30, trainable: blocks}]",
+                               "optim.warmup_steps=5", "prompt_dropout=0.0", "checkpoint_every=1000",
+                               "log_every=1000"])  # fmt: skip
     trainer = Trainer(config, tmp_path / "run")
     trainer.run()
     curve = [loss for _, loss in trainer.history]
-    first, last = np.mean(curve[:15]), np.mean(curve[-15:])
-    assert last < 0.8 * first, (first, last)  # measured: 0.80 -> 0.31
+    first, last = np.mean(curve[:8]), np.mean(curve[-8:])
+    assert last < 0.8 * first, (first, last)  # measured: 0.77 -> 0.53
 
 
 def test_a_stage_can_shift_its_noise_levels(cache, tmp_path):
