@@ -38,6 +38,7 @@ CASES = {
     "full-attention": ("full-attention", dict(tasks=("id",))),
 }
 RING_CASES = ("omnitransfer", "omnitransfer-no-cache", "vap", "full-attention")  # the same, split by Ring
+GUIDANCE_CASES = ("omnitransfer", "combination", "step-cache", "vap")  # a guidance branch on each process
 
 
 def generate(pipe, tasks, steps=2, **kwargs) -> torch.Tensor:
@@ -85,9 +86,11 @@ def one_process(model_dir):
     return found, cached_reference_tokens(pipes["omnitransfer"]), last_block_calls(pipes["omnitransfer"])
 
 
-@pytest.mark.parametrize("case", [*CASES, *(f"ring/{name}" for name in RING_CASES)])
+@pytest.mark.parametrize(
+    "case", [*CASES, *(f"ring/{name}" for name in RING_CASES), *(f"guidance/{name}" for name in GUIDANCE_CASES)]
+)
 def test_two_processes_generate_what_one_does(case, two_processes, one_process):
-    expected = one_process[0][case.removeprefix("ring/")]
+    expected = one_process[0][case.split("/")[-1]]
     for rank in two_processes:
         assert (rank[case] - expected).abs().max().item() <= 1e-5, case
 
@@ -101,12 +104,16 @@ def test_every_process_skips_the_steps_one_process_skips(two_processes, one_proc
     calls = one_process[2]
     assert 1 + 1 < calls < 1 + 6  # some steps skipped (measured: 2 of 6), so the decision was tested
     assert [int(rank["step_cache_calls"]) for rank in two_processes] == [calls] * 2  # one decision on all tokens
+    assert [int(rank["ring/step_cache_calls"]) for rank in two_processes] == [calls] * 2
+    # each process measures its own guidance branch; the larger change of the two decides for both
+    assert [int(rank["guidance/step_cache_calls"]) for rank in two_processes] == [calls] * 2
 
 
 def test_each_process_holds_half_of_the_reference_cache(two_processes, one_process):
     whole = one_process[1]
     assert whole == 18 and [int(rank["cache_tokens"]) for rank in two_processes] == [whole // 2] * 2
     assert [int(rank["ring/cache_tokens"]) for rank in two_processes] == [whole // 2] * 2
+    assert [int(rank["guidance/cache_tokens"]) for rank in two_processes] == [whole] * 2  # tokens whole
 
 
 def test_the_degrees_are_checked_in_one_line():
@@ -123,6 +130,9 @@ def test_the_degrees_are_checked_in_one_line():
     check_degrees(1, 2, None, 40, "_native_flash", training)
     with pytest.raises(InputError, match="--ulysses 0: expected 1 or more"):
         check_degrees(0, 1, 1)
+    with pytest.raises(InputError, match=r"--ulysses 2 x --ring 1 x 2 guidance branches \(--cfg-parallel\) = 4 "):
+        check_degrees(2, 1, 2, heads=40, guidance=2)
+    check_degrees(2, 1, 4, heads=40, guidance=2)
 
 
 def test_the_command_line_on_two_processes_writes_one_video(model_dir, tmp_path):
@@ -143,4 +153,9 @@ def test_the_command_line_on_two_processes_writes_one_video(model_dir, tmp_path)
     mismatch = cli_here(*args, "--ulysses", 2, "--output", tmp_path / "no.mp4")  # one process started
     assert mismatch.returncode == 2 and mismatch.stderr.count("\n") == 1
     assert "--ulysses 2 x --ring 1 = 2 processes, but 1 were started" in mismatch.stderr
+    branches = cli_here(*args, "--cfg-parallel", "--output", tmp_path / "no.mp4")
+    assert branches.returncode == 2 and branches.stderr.count("\n") == 1
+    assert "x 2 guidance branches (--cfg-parallel) = 2 processes, but 1 were started" in branches.stderr
+    unguided = cli_here(*args, "--cfg-parallel", "--guidance", 1, "--output", tmp_path / "no.mp4")
+    assert unguided.returncode == 2 and "--guidance 1.0: --cfg-parallel splits the two guidance" in unguided.stderr
     assert not (tmp_path / "no.mp4").exists()

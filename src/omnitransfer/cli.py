@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ring", type=int, default=1, metavar="R",
                      help="... and over R processes by Ring attention (needs an --attention kernel that returns "
                      "log-sum-exp, e.g. flash or _native_cudnn)")  # fmt: skip
+    gen.add_argument("--cfg-parallel", action="store_true",
+                     help="... and the two guidance branches over two groups of U x R processes (torchrun "
+                     "--nproc_per_node=2 x U x R)")  # fmt: skip
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--output", type=Path, required=True, help="the .mp4 to write")
     gen.set_defaults(run=_generate)
@@ -358,9 +361,9 @@ def _load_pipeline(model: Path | None, device: str, dtype=None, method: str | No
 
 def _generate(args: argparse.Namespace) -> None:
     """Check every input (cheaply) before the model loads, generate, then write the video atomically; with
-    ``--ulysses``/``--ring``, on every process torchrun started, the first writing the video."""
+    ``--ulysses``/``--ring``/``--cfg-parallel``, on every process torchrun started, the first writing the video."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    parallel = args.ulysses * args.ring > 1 or world_size > 1
+    parallel = args.ulysses * args.ring > 1 or args.cfg_parallel or world_size > 1
     try:
         refs = _check_generation(args, world_size if parallel else None)
     except InputError:
@@ -386,9 +389,14 @@ def _check_generation(args: argparse.Namespace, world_size: int | None) -> list[
     from .context_parallel import check_degrees
 
     if world_size is not None:
-        check_degrees(args.ulysses, args.ring, world_size, folder_sizes(args.model).heads or None, args.attention)
+        if args.cfg_parallel and args.guidance is not None and args.guidance <= 1:
+            raise InputError(f"--guidance {args.guidance}: --cfg-parallel splits the two guidance branches; "
+                             "expected a scale above 1")  # fmt: skip
+        check_degrees(args.ulysses, args.ring, world_size, folder_sizes(args.model).heads or None, args.attention,
+                      guidance=2 if args.cfg_parallel else 1)  # fmt: skip
         if args.offload != "none":
-            raise InputError(f"--offload {args.offload}: not with --ulysses/--ring (each GPU holds its own copy)")
+            raise InputError(f"--offload {args.offload}: not with --ulysses/--ring/--cfg-parallel (each GPU holds "
+                             "its own copy)")  # fmt: skip
     refs = [_reference(r) for r in args.ref]
     for _, path in refs:
         video_info(path)  # opens it and decodes one frame
@@ -423,7 +431,7 @@ def _run_generation(args: argparse.Namespace, refs: list[tuple[Task, Path]], wor
     pipe = _load_pipeline(args.model, device, dtype, args.method, args.image is not None, args.weights,
                           args.attention, args.compile, args.offload)  # fmt: skip
     if world is not None:
-        pipe.enable_context_parallel(args.ulysses, args.ring)
+        pipe.enable_context_parallel(args.ulysses, args.ring, 2 if args.cfg_parallel else 1)
     main = world is None or world.is_main
     captions = args.ref_prompt + [""] * (len(refs) - len(args.ref_prompt))
     frames = pipe(

@@ -15,11 +15,18 @@ transformer (encoders, VAE, sampler) runs whole and alike on every rank; rank 0 
 
 With Ulysses alone (or Ring alone) any sequence length splits (diffusers' "anything" modes); with both, every
 sequence's length must divide by U x R. The head count must divide by U.
+
+Guidance parallelism (``guidance`` = 2, ``--cfg-parallel``) composes with it: the processes form a (guidance,
+ring, ulysses) mesh, each half computing one of the two classifier-free-guidance branches (the conditional one on
+the first half) over its U x R processes, and the two branches' velocities are gathered at every step
+(``Layout``). OmniTransfer's reference cache then holds one branch's rows per process. diffusers' context
+parallelism splits sequences only, so this part is ours.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import InputError
@@ -33,18 +40,21 @@ RING_KERNELS = ("flash", "flash_hub", "_flash_3_hub", "_native_cudnn", "_native_
 
 def check_degrees(
     ulysses: int, ring: int, world_size: int | None, heads: int | None = None, attention: str | None = None,
-    names: tuple[str, str, str] = ("--ulysses", "--ring", "--attention"),
+    names: tuple[str, str, str] = ("--ulysses", "--ring", "--attention"), guidance: int = 1,
 ) -> None:  # fmt: skip
-    """One line (InputError, naming the inputs ``names``: the degrees and the kernel) unless ``ulysses`` x ``ring``
-    processes split ``heads`` attention heads over a world of ``world_size`` (None: not checked), with an
-    ``attention`` kernel (None: PyTorch's SDPA, "native") Ring can use."""
+    """One line (InputError, naming the inputs ``names``: the degrees and the kernel) unless ``guidance`` (1, or 2
+    with ``--cfg-parallel``) x ``ulysses`` x ``ring`` processes make a world of ``world_size`` (None: not checked),
+    ``ulysses`` splits ``heads`` attention heads, and Ring has an ``attention`` kernel (None: PyTorch's SDPA,
+    "native") it can use."""
     for name, degree in zip(names[:2], (ulysses, ring)):
         if degree < 1:
             raise InputError(f"{name} {degree}: expected 1 or more processes")
-    if world_size is not None and ulysses * ring != world_size:
+    needed = guidance * ulysses * ring
+    if world_size is not None and needed != world_size:
+        branches = f" x {guidance} guidance branches (--cfg-parallel)" if guidance > 1 else ""
         raise InputError(
-            f"{names[0]} {ulysses} x {names[1]} {ring} = {ulysses * ring} processes, but {world_size} were started "
-            f"(torchrun --nproc_per_node={ulysses * ring} ...)"
+            f"{names[0]} {ulysses} x {names[1]} {ring}{branches} = {needed} processes, but {world_size} were "
+            f"started (torchrun --nproc_per_node={needed} ...)"
         )
     if heads is not None and heads % ulysses:
         raise InputError(f"{names[0]} {ulysses}: the model's {heads} attention heads do not divide by it")
@@ -98,3 +108,62 @@ def enable(transformer: torch.nn.Module, ulysses: int, ring: int, mesh=None, any
     )  # fmt: skip
     with _one_device_per_process_on_cpu():
         transformer.enable_parallelism(config=config, cp_plan=cp_plan())
+
+
+@dataclass
+class Layout:
+    """Where this process stands among generation's processes: a (guidance, ring, ulysses) device mesh."""
+
+    guidance: int  # 2: each half of the processes computes one guidance branch; 1: each process both
+    ring: int
+    ulysses: int
+    mesh: object  # torch's DeviceMesh, dimensions "guidance", "ring", "ulysses"
+
+    @classmethod
+    def build(cls, ulysses: int, ring: int, guidance: int, device_type: str) -> Layout:
+        """The mesh over every process of the initialized default group (row-major: guidance outermost)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shape = (guidance, ring, ulysses)
+        return cls(guidance, ring, ulysses, init_device_mesh(device_type, shape, mesh_dim_names=DIMENSIONS))
+
+    @property
+    def splits_guidance(self) -> bool:
+        return self.guidance > 1
+
+    @property
+    def branch(self) -> int:
+        """The guidance branch this process computes (0: conditional, 1: unconditional)."""
+        return self.mesh.get_local_rank("guidance")
+
+    def sum_over_tokens(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed in place over the processes that split this branch's tokens."""
+        import torch.distributed as dist
+
+        for name, degree in (("ulysses", self.ulysses), ("ring", self.ring)):
+            if degree > 1:
+                dist.all_reduce(tensor, group=self.mesh.get_group(name))
+        return tensor
+
+    def max_over_branches(self, value: float) -> float:
+        """The largest of ``value`` over the two guidance branches' processes (itself without the split)."""
+        if not self.splits_guidance:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.mesh.device_type)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.mesh.get_group("guidance"))
+        return tensor.item()
+
+    def gather_branches(self, velocity: torch.Tensor) -> torch.Tensor:
+        """This branch's velocity (1, ...) and the other's, as one [conditional; unconditional] batch (2, ...)."""
+        import torch
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(velocity, memory_format=torch.contiguous_format) for _ in range(self.guidance)]
+        dist.all_gather(parts, velocity.contiguous(), group=self.mesh.get_group("guidance"))
+        return torch.cat(parts)
+
+
+DIMENSIONS = ("guidance", "ring", "ulysses")

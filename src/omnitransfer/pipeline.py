@@ -16,6 +16,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, UMT
 
 from .codecs import WanVAECodec, load_codec, to_uint8, to_unit_range
 from .conditioning import target_condition
+from .context_parallel import Layout
 from .errors import InputError, check_sampler, check_seed
 from .files import read_document
 from .limits import ModelSizes, check_generation, check_settings, resolve
@@ -89,7 +90,7 @@ class OmniTransferPipeline:
         self.settings = Settings() if settings is None else settings
         self.folder: Path | None = None  # the model folder, which messages name its settings by
         self.offload = "none"  # where the weights wait between uses (``offload.MODES``; ``enable_offload``)
-        self.context_parallel: tuple[int, int] | None = None  # (ulysses, ring) (``enable_context_parallel``)
+        self.context_parallel: Layout | None = None  # the processes' mesh (``enable_context_parallel``)
         self._device = self.text_encoder.device  # where the computation runs
 
     # ---- loading ------------------------------------------------------------------------------------
@@ -193,22 +194,27 @@ class OmniTransferPipeline:
         self.offload, self._device = mode, device
         return self
 
-    def enable_context_parallel(self, ulysses: int = 1, ring: int = 1) -> OmniTransferPipeline:
-        """Split the transformer's token sequences over ``ulysses`` x ``ring`` processes: the whole default process
-        group (torchrun), each process computing on this pipeline's device (``context_parallel.py``). Every
-        process then runs the same generation; all get the same frames."""
+    def enable_context_parallel(self, ulysses: int = 1, ring: int = 1, guidance: int = 1) -> OmniTransferPipeline:
+        """Split the transformer's token sequences over ``ulysses`` x ``ring`` processes, and with ``guidance`` 2
+        the two guidance branches over two such groups: the whole default process group (torchrun), each process
+        computing on this pipeline's device (``context_parallel.py``). Every process then runs the same
+        generation; all get the same frames."""
         from .context_parallel import check_degrees, enable
 
         if not torch.distributed.is_initialized():
             raise ValueError("context parallelism needs the process group (torchrun) initialized first")
         if self.offload != "none":
-            raise InputError(f"--ulysses/--ring: not with offload {self.offload!r}")
+            raise InputError(f"--ulysses/--ring/--cfg-parallel: not with offload {self.offload!r}")
+        if guidance not in (1, 2):
+            raise InputError(f"guidance {guidance}: expected 1, or 2 (the two guidance branches apart)")
         processor = self.transformer.blocks[0].attn1.processor
         backend = getattr(processor, "_attention_backend", None)
         check_degrees(ulysses, ring, torch.distributed.get_world_size(), self.transformer.config.num_attention_heads,
-                      getattr(backend, "value", backend))  # fmt: skip
-        enable(self.transformer, ulysses, ring)
-        self.context_parallel = (ulysses, ring)
+                      getattr(backend, "value", backend), guidance=guidance)  # fmt: skip
+        layout = Layout.build(ulysses, ring, guidance, self._device.type)
+        if ulysses * ring > 1:
+            enable(self.transformer, ulysses, ring, layout.mesh)
+        self.context_parallel = layout
         return self
 
     def _onloaded(self, module: torch.nn.Module | None):
@@ -414,8 +420,11 @@ class OmniTransferPipeline:
         check_sampler(shift, guidance)
         refs = [_as_reference(r) for r in references]
         steps_cache = parse_step_cache(step_cache)
-        if self.context_parallel is not None and hasattr(steps_cache, "split_tokens"):
-            steps_cache.split_tokens = True  # every process decides on all the tokens, so all skip alike
+        if self.context_parallel is not None and hasattr(steps_cache, "layout"):
+            steps_cache.layout = self.context_parallel  # every process decides on all the tokens, so all skip alike
+        if self.context_parallel is not None and self.context_parallel.splits_guidance and guidance <= 1.0:
+            raise InputError(f"guidance_scale {guidance}: --cfg-parallel splits the two guidance branches; "
+                             "expected a scale above 1")  # fmt: skip
         check_generation(  # before anything is allocated
             ModelSizes.of_pipeline(self), named_frames, named_height, named_width, named_steps,
             resolve(None, "", s, self.folder, "text_max_length"),
@@ -458,6 +467,7 @@ class OmniTransferPipeline:
                 self.transformer, noise, condition, text, image_tokens, refs, solver, steps, guidance,
                 use_reference_cache=use_reference_cache and self.transformer.caches_references, progress=progress,
                 on_step=on_step, step_cache=steps_cache, offload_references=self.offload in STREAMED,
+                layout=self.context_parallel,
             )  # fmt: skip
         if output_type == "latent":
             return latents

@@ -9,6 +9,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from tqdm.auto import tqdm
 
 from .conditioning import target_input
+from .context_parallel import Layout
 from .errors import InputError
 from .reference_offload import OffloadedReferenceCache
 from .step_cache import StepCache
@@ -83,6 +84,7 @@ def denoise(
     on_step: StepFn | None = None,
     step_cache: StepCache | None = None,
     offload_references: bool = False,
+    layout: Layout | None = None,
 ) -> torch.Tensor:
     """OmniTransfer sampling of one target: latents (1, z, f, h, w) from noise of that shape.
 
@@ -94,7 +96,9 @@ def denoise(
     every call. ``dtype``: of the model's inputs (default: the transformer's; FSDP's bf16 compute over fp32
     master weights needs it said). ``step_cache``: a fresh one for this generation (``step_cache.parse``).
     ``offload_references``: keep the cached layers in CPU memory between steps, each brought back one block
-    ahead (``reference_offload.OffloadedReferenceCache``).
+    ahead (``reference_offload.OffloadedReferenceCache``). ``layout``: the processes this generation runs on
+    (``context_parallel.Layout``); when it splits the guidance branches, this process computes its own branch and
+    gathers the other's.
     """
     device, dtype = noise.device, dtype or transformer.dtype
     batch = text.shape[0]
@@ -110,16 +114,24 @@ def denoise(
         grid = transformer.token_grid(noise)
         cache = OffloadedReferenceCache(grid, device) if offload_references else ReferenceCache(grid)
 
+    rows = slice(0, batch)  # the rows of the batch this process computes
+    split = layout is not None and layout.splits_guidance and batch == 2
+    if split:  # one guidance branch: its row of the target's text and image, its references (and cache)
+        rows = slice(layout.branch, layout.branch + 1)
+        text, image = text[rows], None if image is None else image[rows]
+        per_call = [r.branch(layout.branch) for r in per_call]
+
     def velocity(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        model_in = target_input(latents, condition.expand(batch, -1, -1, -1, -1)).to(dtype)
-        return transformer(
+        model_in = target_input(latents, condition.expand(batch, -1, -1, -1, -1)).to(dtype)[rows]
+        out = transformer(
             model_in,
-            t.expand(batch).to(device),
+            t.expand(model_in.shape[0]).to(device),
             text,
             image,
             references=per_call,
             reference_cache=cache,
             step_cache=step_cache,
         ).sample
+        return layout.gather_branches(out) if split else out
 
     return sample(velocity, noise, scheduler, num_inference_steps, guidance_scale, progress, on_step)

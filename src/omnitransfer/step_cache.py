@@ -29,6 +29,8 @@ from .errors import InputError
 if TYPE_CHECKING:  # the command line checks --step-cache before torch loads
     import torch
 
+    from .context_parallel import Layout
+
 KINDS = ("first-block", "taylorseer")
 #: ``first-block`` alone: the largest threshold that kept the frames within 35 dB PSNR of the uncached ones
 #: on the synthetic world's validation split (embedded model: 0.1 -> 38.5 dB, 0.65x the time, 47 % of the
@@ -46,9 +48,9 @@ class FirstBlockCache:
     """One generation's first-block cache. ``computed`` / ``skipped``: steps that ran all blocks / one."""
 
     threshold: float
-    # the tokens are split over the processes of the default group (``context_parallel.py``): the change is then
-    # measured over all of them, so that every process skips the same steps
-    split_tokens: bool = False
+    # where the tokens and the guidance branches are split over processes (``context_parallel.Layout``): the change
+    # is then measured over all of them, so that every process skips the same steps
+    layout: Layout | None = None
     computed: int = 0
     skipped: int = 0
     _head: torch.Tensor | None = field(default=None, repr=False)  # first block's residual, last computed step
@@ -73,9 +75,10 @@ class FirstBlockCache:
 
         change = (head.flatten(1) - self._head.flatten(1)).abs().sum(1)  # (B,) over (B, S*D)
         sums = torch.stack([change, self._head.flatten(1).abs().sum(1)])  # (2, B)
-        if self.split_tokens:
-            torch.distributed.all_reduce(sums)
-        return (sums[0] / sums[1]).max().item()
+        if self.layout is None:
+            return (sums[0] / sums[1]).max().item()
+        sums = self.layout.sum_over_tokens(sums)  # this branch's rows over all their tokens
+        return self.layout.max_over_branches((sums[0] / sums[1]).max().item())
 
 
 @dataclass

@@ -61,6 +61,11 @@ class ReferenceInput:
         """This reference with every tensor field tiled to a target batch of stacked copies (`tile_batch`)."""
         return self._map(lambda x: tile_batch(x, batch))
 
+    def branch(self, index: int) -> ReferenceInput:
+        """This reference for guidance branch ``index`` alone: of each field holding both branches' rows (2, ...),
+        row ``index`` (1, ...); a field of one row serves both and stays."""
+        return self._map(lambda x: x[index : index + 1] if x.shape[0] == 2 else x)
+
     def _map(self, fn) -> ReferenceInput:
         tensors = {f.name: v for f in fields(self) if torch.is_tensor(v := getattr(self, f.name))}
         return replace(self, **{name: fn(v) for name, v in tensors.items()})
