@@ -5,6 +5,9 @@ with the two guidance branches on the two processes, and writes what it got to `
 final latents of each case, the tokens its reference cache holds, the block calls of the step-cache case).
 
     python -m torch.distributed.run --nproc_per_node=2 tests/context_parallel_worker.py MODEL_DIR OUT
+
+With a third argument ``composed``, on 4 processes: the cases of ``GUIDANCE_CASES`` with the guidance branches
+on two groups of two processes that split the sequences by Ulysses.
 """
 
 import sys
@@ -46,14 +49,17 @@ def run(model_dir: str, names, prefix: str, attention: str | None = None, **spli
     return found
 
 
-def main(model_dir: str, out: str) -> None:
+def main(model_dir: str, out: str, composed: str = "") -> None:
     dist.init_process_group("gloo")
     world = dist.get_world_size()
-    found = run(model_dir, CASES, "", ulysses=world)
-    ring_kernel.install()
-    found |= run(model_dir, RING_CASES, "ring/", attention=ring_kernel.NAME, ring=world)
-    found["ring/kernel_calls"] = torch.tensor(len(ring_kernel.ring_steps))
-    found |= run(model_dir, GUIDANCE_CASES, "guidance/", guidance=world)
+    if composed:
+        found = run(model_dir, GUIDANCE_CASES, "composed/", ulysses=world // 2, guidance=2)
+    else:
+        found = run(model_dir, CASES, "", ulysses=world)
+        ring_kernel.install()
+        found |= run(model_dir, RING_CASES, "ring/", attention=ring_kernel.NAME, ring=world)
+        found["ring/kernel_calls"] = torch.tensor(len(ring_kernel.ring_steps))
+        found |= run(model_dir, GUIDANCE_CASES, "guidance/", guidance=world)
     save_file(found, str(Path(out) / f"rank-{dist.get_rank()}.safetensors"))
     dist.barrier()  # no process leaves while the other still talks to it (gloo then aborts the other)
     dist.destroy_process_group()

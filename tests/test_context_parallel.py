@@ -68,15 +68,19 @@ def cached_reference_tokens(pipe) -> int:
     return cache.num_tokens
 
 
-@pytest.fixture(scope="module")
-def two_processes(model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cp")
+def split_run(model_dir: Path, out: Path, processes: int, *options: str) -> list[dict[str, torch.Tensor]]:
+    """What each process of ``context_parallel_worker.py`` found."""
     worker = Path(__file__).parent / "context_parallel_worker.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
-           str(model_dir), str(out)]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           str(worker), str(model_dir), str(out), *options]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return [load_file(out / f"rank-{rank}.safetensors") for rank in (0, 1)]
+    return [load_file(out / f"rank-{rank}.safetensors") for rank in range(processes)]
+
+
+@pytest.fixture(scope="module")
+def two_processes(model_dir, tmp_path_factory):
+    return split_run(model_dir, tmp_path_factory.mktemp("cp"), 2)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +118,19 @@ def test_each_process_holds_half_of_the_reference_cache(two_processes, one_proce
     assert whole == 18 and [int(rank["cache_tokens"]) for rank in two_processes] == [whole // 2] * 2
     assert [int(rank["ring/cache_tokens"]) for rank in two_processes] == [whole // 2] * 2
     assert [int(rank["guidance/cache_tokens"]) for rank in two_processes] == [whole] * 2  # tokens whole
+
+
+@pytest.mark.skipif(
+    os.environ.get("OMNITRANSFER_FOUR_PROCESSES") != "1",
+    reason="4 processes, about 30 s on 2 cores: OMNITRANSFER_FOUR_PROCESSES=1 runs it",
+)
+def test_guidance_branches_and_ulysses_compose_on_four_processes(model_dir, one_process, tmp_path):
+    """--cfg-parallel x --ulysses 2: each guidance branch on two processes that split its tokens."""
+    ranks = split_run(model_dir, tmp_path, 4, "composed")
+    for case in GUIDANCE_CASES:
+        assert max((rank[f"composed/{case}"] - one_process[0][case]).abs().max().item() for rank in ranks) <= 1e-5
+    assert [int(rank["composed/cache_tokens"]) for rank in ranks] == [one_process[1] // 2] * 4
+    assert [int(rank["composed/step_cache_calls"]) for rank in ranks] == [one_process[2]] * 4
 
 
 def test_the_degrees_are_checked_in_one_line():
