@@ -19,7 +19,8 @@ the attention kernel's workspace and the VAE's decoding, which group and sequent
 A second table: per GPU of a context-parallel generation (``--ulysses N``, no offloading) on 1, 2, 4, 8 GPUs.
 Every GPU holds all the weights; the token sequences, so the reference cache and the activations, are split N
 ways (Ulysses' all-to-all trades a sequence shard of every head for the whole sequence of 1/N of the heads:
-the same size).
+the same size). With ``--cfg-parallel`` each half of the GPUs computes one guidance branch (one batch row) with
+its tokens split N/2 ways; the reference (one caption) is cached for one row either way.
 """
 
 from __future__ import annotations
@@ -108,20 +109,25 @@ def main() -> None:
         "phase's own peak, UMT5 whole or its largest leaf, which the peak takes when it is larger)"
     )
 
-    print("\nper GPU, context parallelism (--ulysses N), --offload none; GiB\n")
-    header = ["GPUs", "--weights", "reference cache", "weights", "reference K/V", "activations", "per GPU"]
+    one_branch = generation_bytes(sizes, FRAMES, HEIGHT, WIDTH, reference, guided=False, reference_cache=False)
+    print("\nper GPU, context parallelism (--ulysses N / 2 with --cfg-parallel, else N), --offload none; GiB\n")
+    header = ["GPUs", "--cfg-parallel", "--weights", "reference cache", "weights", "reference K/V", "activations",
+              "per GPU"]  # fmt: skip
     print("| " + " | ".join(header + [f"fits {c} GiB" for c in CARDS]) + " |")
     print("|" + "---|" * (len(header) + len(CARDS)))
     for gpus in (1, 2, 4, 8):
-        for kind, (linear_bytes, rest_bytes) in WEIGHTS.items():
-            for cache in (True, False):
-                weights = linear * linear_bytes + rest * rest_bytes + sum(encoders.values())
-                parts = [weights, kv / gpus if cache else 0, activations / gpus]
-                total = sum(parts)
-                fits = ["yes" if total <= c * GIB else "no" for c in CARDS]
-                cells = [str(gpus), kind, "on" if cache else "off", *[f"{p / GIB:.1f}" for p in parts],
-                         f"**{total / GIB:.1f}**"]  # fmt: skip
-                print("| " + " | ".join(cells + fits) + " |")
+        for branches in (1, 2) if gpus > 1 else (1,):
+            split = gpus // branches  # the processes one guidance branch's tokens are split over
+            for kind, (linear_bytes, rest_bytes) in WEIGHTS.items():
+                for cache in (True, False):
+                    weights = linear * linear_bytes + rest * rest_bytes + sum(encoders.values())
+                    working = activations if branches == 1 else one_branch  # one branch's batch row per GPU
+                    parts = [weights, kv / split if cache else 0, working / split]
+                    total = sum(parts)
+                    fits = ["yes" if total <= c * GIB else "no" for c in CARDS]
+                    cells = [str(gpus), "yes" if branches == 2 else "no", kind, "on" if cache else "off",
+                             *[f"{p / GIB:.1f}" for p in parts], f"**{total / GIB:.1f}**"]  # fmt: skip
+                    print("| " + " | ".join(cells + fits) + " |")
 
 
 if __name__ == "__main__":
