@@ -2,7 +2,8 @@
 ``test_context_parallel.CASES`` with the sequences split over all processes by Ulysses, the cases of
 ``RING_CASES`` split by Ring (through the CPU kernel of ``ring_kernel.py``), and the cases of ``GUIDANCE_CASES``
 with the two guidance branches on the two processes, and writes what it got to ``OUT/rank-R.safetensors`` (the
-final latents of each case, the tokens its reference cache holds, the block calls of the step-cache case).
+final latents of each case, the tokens its reference cache holds and the rows of the one a generation builds, the
+block calls of the step-cache case).
 
     python -m torch.distributed.run --nproc_per_node=2 tests/context_parallel_worker.py MODEL_DIR OUT
 
@@ -23,6 +24,7 @@ from test_context_parallel import (  # noqa: E402
     CASES,
     GUIDANCE_CASES,
     RING_CASES,
+    cache_rows,
     cached_reference_tokens,
     generate,
     last_block_calls,
@@ -46,6 +48,7 @@ def run(model_dir: str, names, prefix: str, attention: str | None = None, **spli
         found[prefix + name] = generate(pipes[method], **kwargs)
     found[prefix + "cache_tokens"] = torch.tensor(cached_reference_tokens(pipes["omnitransfer"]))
     found[prefix + "step_cache_calls"] = torch.tensor(last_block_calls(pipes["omnitransfer"]))
+    found[prefix + "cache_rows"] = torch.tensor(cache_rows(pipes["omnitransfer"]))
     return found
 
 

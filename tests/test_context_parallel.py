@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from omnitransfer import OmniTransferPipeline, Reference
 from omnitransfer.context_parallel import check_degrees
 from omnitransfer.errors import InputError
 from omnitransfer.tasks import Task
+from omnitransfer.transformer import ReferenceCache
 from omnitransfer.video import read_video, save_video
 
 SIZE = dict(num_frames=9, height=32, width=48)  # 3 x 2 x 3 = 18 target tokens: 9 per process
@@ -36,9 +38,11 @@ CASES = {
     "step-cache": ("omnitransfer", dict(tasks=("style",), steps=6, step_cache="first-block:0.05")),
     "vap": ("vap", dict(tasks=("motion",))),
     "full-attention": ("full-attention", dict(tasks=("id",))),
+    # a reference caption and a negative one: the cache holds a row per guidance branch
+    "reference-negative": ("omnitransfer", dict(tasks=("style",), reference_negative_prompt="blurry")),
 }
 RING_CASES = ("omnitransfer", "omnitransfer-no-cache", "vap", "full-attention")  # the same, split by Ring
-GUIDANCE_CASES = ("omnitransfer", "combination", "step-cache", "vap")  # a guidance branch on each process
+GUIDANCE_CASES = ("omnitransfer", "combination", "step-cache", "vap", "reference-negative")  # a branch per process
 
 
 def generate(pipe, tasks, steps=2, **kwargs) -> torch.Tensor:
@@ -56,6 +60,20 @@ def last_block_calls(pipe) -> int:
     finally:
         hook.remove()
     return len(calls)
+
+
+def cache_rows(pipe) -> int:
+    """The rows (guidance branches) of the reference cache the "reference-negative" generation builds."""
+    rows = []
+    append = ReferenceCache.append
+
+    def recording(cache, keys, values):  # keys (B, S_ref, heads, head_dim)
+        rows.append(keys.shape[0])
+        append(cache, keys, values)
+
+    with patch.object(ReferenceCache, "append", recording):
+        generate(pipe, **CASES["reference-negative"][1])
+    return rows[0]
 
 
 def cached_reference_tokens(pipe) -> int:
@@ -87,7 +105,8 @@ def two_processes(model_dir, tmp_path_factory):
 def one_process(model_dir):
     pipes = {m: OmniTransferPipeline.from_pretrained(model_dir, method=m) for m, _ in CASES.values()}
     found = {name: generate(pipes[method], **kwargs) for name, (method, kwargs) in CASES.items()}
-    return found, cached_reference_tokens(pipes["omnitransfer"]), last_block_calls(pipes["omnitransfer"])
+    omnitransfer = pipes["omnitransfer"]
+    return found, cached_reference_tokens(omnitransfer), last_block_calls(omnitransfer), cache_rows(omnitransfer)
 
 
 @pytest.mark.parametrize(
@@ -117,7 +136,10 @@ def test_each_process_holds_half_of_the_reference_cache(two_processes, one_proce
     whole = one_process[1]
     assert whole == 18 and [int(rank["cache_tokens"]) for rank in two_processes] == [whole // 2] * 2
     assert [int(rank["ring/cache_tokens"]) for rank in two_processes] == [whole // 2] * 2
-    assert [int(rank["guidance/cache_tokens"]) for rank in two_processes] == [whole] * 2  # tokens whole
+    # under --cfg-parallel the tokens stay whole, and the cache the generation builds holds one branch's row
+    assert [int(rank["guidance/cache_tokens"]) for rank in two_processes] == [whole] * 2
+    assert one_process[3] == 2 and [int(rank["cache_rows"]) for rank in two_processes] == [2] * 2
+    assert [int(rank["guidance/cache_rows"]) for rank in two_processes] == [1] * 2
 
 
 @pytest.mark.skipif(
@@ -131,6 +153,7 @@ def test_guidance_branches_and_ulysses_compose_on_four_processes(model_dir, one_
         assert max((rank[f"composed/{case}"] - one_process[0][case]).abs().max().item() for rank in ranks) <= 1e-5
     assert [int(rank["composed/cache_tokens"]) for rank in ranks] == [one_process[1] // 2] * 4
     assert [int(rank["composed/step_cache_calls"]) for rank in ranks] == [one_process[2]] * 4
+    assert [int(rank["composed/cache_rows"]) for rank in ranks] == [1] * 4
 
 
 def test_the_degrees_are_checked_in_one_line():

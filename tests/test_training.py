@@ -533,6 +533,21 @@ def test_a_model_built_empty_and_read_by_name_starts_as_one_loaded_whole(method,
         assert not torch.equal(again.state_dict()["blocks.0.attn1.to_q.lora_A.default.weight"], a)  # another seed
 
 
+def test_lora_factors_come_from_any_seed_and_only_linear_layers_take_them():
+    from omnitransfer.errors import MAX_SEED
+    from omnitransfer.training import lora
+    from omnitransfer.training.config import Lora
+
+    model = load_transformer("omnitransfer", ROOT / "src/omnitransfer/embedded/transformer", empty=True)
+    lora.add_adapters(model, Lora(rank=2))
+    model.to_empty(device="cpu")
+    lora.draw_factors(model, seed=MAX_SEED)  # the seed and the name mixed into a generator seed, any size
+    assert model.blocks[0].attn1.to_q.lora_A.default.weight.abs().max() > 0
+    conv = load_transformer("omnitransfer", ROOT / "src/omnitransfer/embedded/transformer", empty=True)
+    with pytest.raises(InputError, match="lora.targets: patch_embedding is a Conv3d: expected linear layers only"):
+        lora.add_adapters(conv, Lora(rank=2, targets=["patch_embedding"]))
+
+
 def test_fsdp_bf16_with_checkpointing_ema_and_validation(cache, one_process, tmp_path):
     """The 14B recipe's settings on 2 CPU processes: bf16 compute over fp32 weights, activation checkpointing,
     EMA and validation videos (every rank runs the sampler, rank 0 decodes); the losses of one fp32 process."""

@@ -10,16 +10,25 @@ from __future__ import annotations
 from .errors import InputError
 
 
-def set_attention(transformer, name: str, what: str = "--attention") -> None:
-    """Use diffusers' backend ``name`` in every block of ``transformer``, or an ``InputError`` saying why not."""
-    import torch
-    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+def check_name(name: str, what: str = "--attention") -> None:
+    """An ``InputError`` unless ``name`` is one of diffusers' attention backends."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
 
     known = [backend.value for backend in AttentionBackendName]
     if name not in known:
         raise InputError(f"{what} {name!r}: expected one of {', '.join(known)}")
+
+
+def set_attention(transformer, name: str, what: str = "--attention", dtype=None) -> None:
+    """Use diffusers' backend ``name`` in every block of ``transformer``, or an ``InputError`` saying why not;
+    ``dtype``: what the attention computes in (default: the transformer's; bf16 over fp32 master weights)."""
+    import torch
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+    check_name(name, what)
     heads, head_dim = transformer.config.num_attention_heads, transformer.config.attention_head_dim
-    probe = torch.randn(1, 16, heads, head_dim, device=transformer.device, dtype=transformer.dtype)  # (B, S, H, d)
+    dtype = dtype or transformer.dtype
+    probe = torch.randn(1, 16, heads, head_dim, device=transformer.device, dtype=dtype)  # (B, S, H, d)
     try:
         transformer.set_attention_backend(name)
         dispatch_attention_fn(probe, probe, probe, backend=AttentionBackendName(name))

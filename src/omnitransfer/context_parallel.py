@@ -33,6 +33,7 @@ from .errors import InputError
 
 if TYPE_CHECKING:  # the command line checks the degrees before torch loads
     import torch
+    from torch.distributed.device_mesh import DeviceMesh
 
 #: attention kernels that return the log-sum-exp Ring needs (diffusers' backends; ``native`` does not)
 RING_KERNELS = ("flash", "flash_hub", "_flash_3_hub", "_native_cudnn", "_native_flash", "sage", "sage_hub")
@@ -110,6 +111,9 @@ def enable(transformer: torch.nn.Module, ulysses: int, ring: int, mesh=None, any
         transformer.enable_parallelism(config=config, cp_plan=cp_plan())
 
 
+DIMENSIONS = ("guidance", "ring", "ulysses")  # of generation's device mesh, outermost first
+
+
 @dataclass
 class Layout:
     """Where this process stands among generation's processes: a (guidance, ring, ulysses) device mesh."""
@@ -117,7 +121,7 @@ class Layout:
     guidance: int  # 2: each half of the processes computes one guidance branch; 1: each process both
     ring: int
     ulysses: int
-    mesh: object  # torch's DeviceMesh, dimensions "guidance", "ring", "ulysses"
+    mesh: DeviceMesh  # dimensions DIMENSIONS
 
     @classmethod
     def build(cls, ulysses: int, ring: int, guidance: int, device_type: str) -> Layout:
@@ -164,6 +168,3 @@ class Layout:
         parts = [torch.empty_like(velocity, memory_format=torch.contiguous_format) for _ in range(self.guidance)]
         dist.all_gather(parts, velocity.contiguous(), group=self.mesh.get_group("guidance"))
         return torch.cat(parts)
-
-
-DIMENSIONS = ("guidance", "ring", "ulysses")

@@ -10,6 +10,7 @@ encoder_hidden_states_image, references=[...]) -> .sample`` (velocity of the tar
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from .baselines import FullAttentionTPBTransformer, FullAttentionTransformer
 from .errors import InputError
 from .files import read_document
 from .transformer import OmniTransferTransformer
-from .vap import VAPTransformer, check_config
+from .vap import VAPTransformer, backbone_key, check_config
 from .weights import check_component
 
 METHODS: dict[str, type[OmniTransferTransformer]] = {
@@ -64,6 +65,15 @@ def load_transformer(
         backbone = OmniTransferTransformer.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
         return VAPTransformer.from_wan(backbone)
     return model_class.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
+
+
+def file_tensors(name: str, folder: Path, weights: Iterable[str]) -> dict[str, str]:
+    """Each of ``weights`` (parameter names of method ``name``'s transformer) -> the tensor of ``folder``'s
+    safetensors files it starts as: its own name, or for a VAP expert over plain Wan weights
+    (``starts_from_backbone``) the backbone tensor it is a copy of."""
+    config = read_document(Path(folder) / "config.json", "JSON", "a JSON object (a diffusers transformer config)")
+    copied = starts_from_backbone(name, config)
+    return {weight: backbone_key(weight) if copied else weight for weight in weights}
 
 
 def starts_from_backbone(name: str, config: dict) -> bool:

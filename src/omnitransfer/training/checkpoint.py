@@ -13,7 +13,8 @@ of (seed, step), so the step is the whole of the scheduler, data and RNG state. 
 ``save``/``load`` (they are collective).
 
 Checkpoints written before sharding (whole tensors: ``model.safetensors``, ``optimizer.safetensors`` with its
-parameter groups in ``trainer.json``, ``ema.safetensors``) still resume: every process reads them whole.
+parameter groups in ``trainer.json``, ``ema.safetensors``) still resume: every process reads them whole (at 14B,
+their size in host memory per process).
 """
 
 from __future__ import annotations

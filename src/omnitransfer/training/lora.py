@@ -13,9 +13,11 @@ from __future__ import annotations
 import math
 import zlib
 
+import numpy as np
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..errors import InputError
 from .checkpoint import clean_name
 from .config import Lora
 
@@ -23,11 +25,16 @@ BASE = ".base_layer"  # peft's name for the wrapped layer: blocks.0.attn1.to_q.b
 
 
 def add_adapters(model: torch.nn.Module, lora: Lora) -> None:
-    """peft's LoRA on ``lora.targets`` in place (on the model's device, the meta device included)."""
+    """peft's LoRA on ``lora.targets`` in place (on the model's device, the meta device included); an
+    ``InputError`` for a target that is not a linear layer (``draw_factors`` draws linear factors only)."""
     from peft import LoraConfig
 
     alpha = lora.alpha or lora.rank
     model.add_adapter(LoraConfig(r=lora.rank, lora_alpha=alpha, target_modules=lora.targets))
+    for name, module in model.named_modules():
+        base = getattr(module, "base_layer", None)
+        if base is not None and type(base) is not torch.nn.Linear:
+            raise InputError(f"lora.targets: {name} is a {type(base).__name__}: expected linear layers only")
 
 
 @torch.no_grad()
@@ -35,8 +42,9 @@ def draw_factors(model: torch.nn.Module, seed: int) -> None:
     """Every LoRA factor from ``seed`` and its name (module docstring), whole or FSDP-sharded alike."""
     for name, param in model.named_parameters():
         if ".lora_A." in name:
-            fan_in = param.shape[1]
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(clean_name(name).encode()))
+            fan_in = param[0].numel()  # (rank, in_features)
+            mixed = np.random.SeedSequence([seed, zlib.crc32(clean_name(name).encode())]).generate_state(1, np.uint64)
+            generator = torch.Generator().manual_seed(int(mixed[0]))
             bound = 1.0 / math.sqrt(fan_in)
             value = torch.empty(param.shape).uniform_(-bound, bound, generator=generator)
         elif ".lora_B." in name:

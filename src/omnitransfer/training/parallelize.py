@@ -153,23 +153,21 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     """Scale the gradients of ``params`` (FSDP-sharded DTensors, replicated tensors, or both) to a total norm of at
     most ``max_norm``, one factor for all; returns the norm before.
 
-    The squares add up in float64, so the norm, and the factor rounded to float32, come out the same however
-    FSDP shards the gradients: a run resumed on another number of processes scales its gradients as the
-    uninterrupted run did (torch's ``clip_grad_norm_`` adds float32 norms shard by shard)."""
-    squares = torch.zeros((), dtype=torch.float64)
-    sharded: dict = {}  # device mesh -> the sum of squares of its local shards, added over its processes below
+    The squares add up in float64, so however FSDP shards the gradients the norm differs by float64 rounding
+    only, and the factor rounded to float32 comes out the same: a run resumed on another number of processes
+    scales its gradients as the uninterrupted run did (torch's ``clip_grad_norm_`` adds float32 norms shard by
+    shard). One transfer from the device per call."""
+    sums: dict = {}  # device mesh (None: replicated) -> sum of squares of the local gradients, on their device
     for p in params:
-        if p.grad is None:
-            continue
-        if isinstance(p.grad, DTensor):  # FSDP's shards, Shard(0) on a 1-D mesh
-            local = torch.linalg.vector_norm(p.grad.to_local(), dtype=torch.float64) ** 2
-            sharded[p.grad.device_mesh] = sharded.get(p.grad.device_mesh, 0) + local
-        else:
-            squares += torch.linalg.vector_norm(p.grad, dtype=torch.float64).cpu() ** 2
-    for mesh, local in sharded.items():
-        dist.all_reduce(local, group=mesh.get_group())
-        squares += local.cpu()
-    total = math.sqrt(float(squares))
+        if p.grad is not None:
+            sharded = isinstance(p.grad, DTensor)  # FSDP's shards, Shard(0) on a 1-D mesh
+            local = p.grad.to_local() if sharded else p.grad
+            mesh = p.grad.device_mesh if sharded else None
+            sums[mesh] = sums.get(mesh, 0) + torch.linalg.vector_norm(local, dtype=torch.float64) ** 2
+    for mesh, local in sums.items():
+        if mesh is not None:  # the shards' squares, added over the processes that hold them
+            dist.all_reduce(local, group=mesh.get_group())
+    total = math.sqrt(float(sum(sums.values())))  # the one transfer
     scale = max_norm / (total + 1e-6)
     if scale < 1.0:
         for p in params:

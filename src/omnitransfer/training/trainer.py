@@ -14,17 +14,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..attention_backends import set_attention
+from ..attention_backends import check_name, set_attention
 from ..codecs import load_codec, to_uint8
 from ..conditioning import target_condition
 from ..context_parallel import check_degrees
 from ..errors import InputError
-from ..files import FolderLock, check_distinct, read_document, remove_temporaries
-from ..methods import get_method, load_transformer, starts_from_backbone
+from ..files import FolderLock, check_distinct, remove_temporaries
+from ..methods import file_tensors, get_method, load_transformer
 from ..model_folder import ALIGNMENT_FOLDER, export_base, find_component, resolved_settings
 from ..sampling import denoise, make_scheduler
 from ..transformer import OmniTransferTransformer
-from ..vap import backbone_key
 from ..video import save_video
 from . import alignment as aligning
 from . import lora
@@ -90,12 +89,11 @@ def starting_transformer(config: TrainConfig, folder: Path, empty: bool) -> Omni
 
 
 def weight_sources(model: OmniTransferTransformer, method: str, folder: Path) -> dict[str, str]:
-    """Each weight's (clean name) tensor in ``folder``'s files: its own name without LoRA's wrapper, or for a VAP
-    expert over plain Wan weights the backbone weight it starts as a copy of; LoRA factors have none (drawn)."""
-    stored = read_document(folder / "config.json", "JSON", "a JSON object (a transformer config)")
-    copied = starts_from_backbone(method, stored)
+    """Each weight's (clean name) tensor in ``folder``'s files (``methods.file_tensors``), LoRA-wrapped weights
+    by their base names; LoRA factors have none (drawn: ``lora.draw_factors``)."""
     names = [name for name in sharded_weights(model) if ".lora_" not in name]
-    return {name: backbone_key(lora.base_name(name)) if copied else lora.base_name(name) for name in names}
+    files = file_tensors(method, folder, [lora.base_name(name) for name in names])
+    return {name: files[lora.base_name(name)] for name in names}
 
 
 def architecture(model: OmniTransferTransformer, config: TrainConfig, alignment=None) -> dict:
@@ -219,6 +217,7 @@ class Trainer:
             )
         self.end = min(config.total_steps, max_steps) if max_steps is not None else config.total_steps
 
+        check_name(config.parallel.attention, "parallel.attention")  # before any weight loads
         start_folder = starting_folder(config)
         sharded_start = reads_its_shard(config, self.world)
         plain = starting_transformer(config, start_folder, empty=sharded_start)
@@ -242,7 +241,8 @@ class Trainer:
             load_starting_weights(self.model, start_folder, weight_sources(self.model, config.method, start_folder))
         if config.lora.rank > 0:
             lora.draw_factors(unwrap(self.model), config.seed)
-        set_attention(unwrap(self.model), config.parallel.attention, "parallel.attention")  # tried on the device
+        compute = torch.bfloat16 if config.parallel.mixed_precision == "bf16" else torch.float32
+        set_attention(unwrap(self.model), config.parallel.attention, "parallel.attention", compute)  # on the device
         self.ema = self.alignment_ema = None
         if config.ema_decay:
             named = ((clean_name(n), p) for n, p in unwrap(self.model).named_parameters())
