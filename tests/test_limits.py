@@ -160,6 +160,18 @@ def test_the_memory_variable_replaces_the_available_figure(monkeypatch):
         check_command(None)
 
 
+def test_a_context_parallel_process_needs_its_share_of_the_tokens():
+    """Split over N processes (--ulysses x --ring), each holds 1/N of the activations and of the reference cache;
+    with --cfg-parallel one guidance branch's; the pixels and the text stay whole."""
+    sizes = ModelSizes.of_folder(EMBEDDED_MODEL)
+    size, refs = (33, 128, 128), [(33, 128, 128)]
+    need = {split: generation_bytes(sizes, *size, refs, reference_cache=True, split=split) for split in (1, 2, 4)}
+    assert need[1] - need[2] == 2 * (need[2] - need[4]) > 0  # a fixed part, and a part that halves
+    one_branch = generation_bytes(sizes, *size, refs, guided=False, reference_cache=False)
+    both = generation_bytes(sizes, *size, refs, guided=True, reference_cache=False)
+    assert one_branch < both < 2 * one_branch
+
+
 def test_estimates_stay_below_measured_runs():
     """The bounds against peak memory measured above a small run (limits.py: the calibration), so a request
     that runs is never refused."""

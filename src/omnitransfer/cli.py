@@ -415,7 +415,8 @@ def _check_generation(args: argparse.Namespace, world_size: int | None) -> list[
     if args.fps is not None and args.fps <= 0:
         raise InputError(f"--fps {args.fps}: expected a positive frame rate")
     check_command(args.model, args.frames, args.height, args.width, args.steps, len(refs), args.guidance,
-                  dtype_bytes=2 if args.bf16 or args.weights else 4, device=args.device)  # fmt: skip
+                  dtype_bytes=2 if args.bf16 or args.weights else 4, device=args.device,
+                  split=args.ulysses * args.ring, branch_apart=args.cfg_parallel)  # fmt: skip
     return refs
 
 

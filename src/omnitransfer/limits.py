@@ -244,16 +244,19 @@ def text_bytes(sizes: ModelSizes, text_tokens: int) -> int:
 
 def generation_bytes(
     sizes: ModelSizes, frames: int, height: int, width: int, references: Sequence[tuple[int, int, int]] = (),
-    text_tokens: int = 512, guided: bool = True, reference_cache: bool = False,
+    text_tokens: int = 512, guided: bool = True, reference_cache: bool = False, split: int = 1,
 ) -> int:  # fmt: skip
     """A lower bound of the memory one generation needs beside the model's weights: the target's pixels
     (T x H x W) and each reference's (frames, height, width), one transformer block's activations over all
-    tokens (x 2 with guidance), the references' keys and values of every layer when cached, the text."""
+    tokens (x 2 with guidance), the references' keys and values of every layer when cached, the text. ``split``:
+    the processes the token sequences are split over (``context_parallel.py``), each holding 1/split of the
+    activations and of the cache (``guided``: False where each process computes one guidance branch)."""
     pixels = TARGET_PIXEL_BYTES * frames * height * width
     pixels += REFERENCE_PIXEL_BYTES * sum(f * h * w for f, h, w in references)
     reference_tokens = sum(sizes.tokens(*r) for r in references)
     tokens = sizes.tokens(frames, height, width) + reference_tokens
     # per token at once: the block's input and either q, k, v or the feed-forward's hidden values
+    tokens, reference_tokens = -(-tokens // split), -(-reference_tokens // split)  # this process's share
     block = (2 if guided else 1) * tokens * (sizes.hidden + max(3 * sizes.hidden, sizes.ffn)) * sizes.dtype_bytes
     cache = sizes.layers * 2 * reference_tokens * sizes.hidden * sizes.dtype_bytes if reference_cache else 0
     return pixels + block + cache + text_bytes(sizes, text_tokens)
@@ -262,13 +265,14 @@ def generation_bytes(
 def check_generation(
     sizes: ModelSizes, frames: Named, height: Named, width: Named, steps: Named, text_tokens: Named,
     references: Sequence[tuple[int, int, int]] = (), guided: bool = True, reference_cache: bool = False,
-    device=None,
+    device=None, split: int = 1,
 ) -> None:  # fmt: skip
-    """Refuse a generation over a hard limit or the memory available, naming its inputs."""
+    """Refuse a generation over a hard limit or the memory available (of one process's ``device``, its sequences
+    split over ``split`` processes), naming its inputs."""
     check_steps(steps)
     check_text_length(text_tokens)
     need = generation_bytes(sizes, frames[0], height[0], width[0], references, text_tokens[0], guided,
-                            reference_cache)  # fmt: skip
+                            reference_cache, split)  # fmt: skip
     if text_bytes(sizes, text_tokens[0]) > need // 2:
         check_memory(need, describe([text_tokens]), device, "ask for fewer text tokens")
     refs = f" and {len(references)} reference{'s' if len(references) > 1 else ''}" if references else ""
@@ -304,10 +308,12 @@ def folder_sizes(model: str | Path | None) -> ModelSizes:
 def check_command(
     model: str | Path | None, frames: int | None = None, height: int | None = None, width: int | None = None,
     steps: int | None = None, references: int = 1, guidance: float | None = None, dtype_bytes: int = 4,
-    device=None,
+    device=None, split: int = 1, branch_apart: bool = False,
 ) -> None:  # fmt: skip
     """A command's generations (its options; None: the model folder's setting) within the limits, before the
-    model loads; ``references`` at the target's size. The options are named --frames, --height, --width, --steps."""
+    model loads; ``references`` at the target's size; on each of the processes of a context-parallel run (its
+    sequences split over ``split``, each guidance branch on its own processes when ``branch_apart``). The
+    options are named --frames, --height, --width, --steps."""
     from .model_folder import resolved_settings
 
     folder = _folder(model)
@@ -323,8 +329,8 @@ def check_command(
         resolve(steps, "--steps", settings, folder, "num_inference_steps"),
         resolve(None, "", settings, folder, "text_max_length"),
         [(frames_named[0], height_named[0], width_named[0])] * references,
-        guided=(settings.guidance_scale if guidance is None else guidance) > 1.0,
-        device=device,
+        guided=(settings.guidance_scale if guidance is None else guidance) > 1.0 and not branch_apart,
+        device=device, split=split,
     )  # fmt: skip
 
 

@@ -420,9 +420,10 @@ class OmniTransferPipeline:
         check_sampler(shift, guidance)
         refs = [_as_reference(r) for r in references]
         steps_cache = parse_step_cache(step_cache)
-        if self.context_parallel is not None and hasattr(steps_cache, "layout"):
-            steps_cache.layout = self.context_parallel  # every process decides on all the tokens, so all skip alike
-        if self.context_parallel is not None and self.context_parallel.splits_guidance and guidance <= 1.0:
+        layout = self.context_parallel
+        if layout is not None and hasattr(steps_cache, "layout"):
+            steps_cache.layout = layout  # every process decides on all the tokens, so all skip alike
+        if layout is not None and layout.splits_guidance and guidance <= 1.0:
             raise InputError(f"guidance_scale {guidance}: --cfg-parallel splits the two guidance branches; "
                              "expected a scale above 1")  # fmt: skip
         check_generation(  # before anything is allocated
@@ -430,9 +431,9 @@ class OmniTransferPipeline:
             resolve(None, "", s, self.folder, "text_max_length"),
             [(_first_given(r.num_frames, num_frames), _first_given(r.height, height), _first_given(r.width, width))
              for r in refs],
-            guided=guidance > 1.0,
+            guided=guidance > 1.0 and not (layout is not None and layout.splits_guidance),
             reference_cache=use_reference_cache and model.caches_references and self.offload not in STREAMED,
-            device=self.device,
+            device=self.device, split=1 if layout is None else layout.ulysses * layout.ring,
         )  # fmt: skip
         device, dtype = self.device, self.transformer.dtype
 
