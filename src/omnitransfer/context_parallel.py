@@ -149,16 +149,15 @@ class Layout:
                 dist.all_reduce(tensor, group=self.mesh.get_group(name))
         return tensor
 
-    def max_over_branches(self, value: float) -> float:
-        """The largest of ``value`` over the two guidance branches' processes (itself without the split)."""
-        if not self.splits_guidance:
-            return value
-        import torch
-        import torch.distributed as dist
+    def max_over_branches(self, value: torch.Tensor) -> float:
+        """The largest of ``value`` (one number, on this process's device) over the two guidance branches'
+        processes (itself without the split)."""
+        if self.splits_guidance:
+            import torch.distributed as dist
 
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.mesh.device_type)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.mesh.get_group("guidance"))
-        return tensor.item()
+            value = value.reshape(1).clone()
+            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.mesh.get_group("guidance"))
+        return value.item()
 
     def gather_branches(self, velocity: torch.Tensor) -> torch.Tensor:
         """This branch's velocity (1, ...) and the other's, as one [conditional; unconditional] batch (2, ...)."""

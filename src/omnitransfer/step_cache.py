@@ -78,7 +78,7 @@ class FirstBlockCache:
         if self.layout is None:
             return (sums[0] / sums[1]).max().item()
         sums = self.layout.sum_over_tokens(sums)  # this branch's rows over all their tokens
-        return self.layout.max_over_branches((sums[0] / sums[1]).max().item())
+        return self.layout.max_over_branches((sums[0] / sums[1]).max())
 
 
 @dataclass
