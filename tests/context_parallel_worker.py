@@ -7,7 +7,7 @@ block calls of the step-cache case).
 
     python -m torch.distributed.run --nproc_per_node=2 tests/context_parallel_worker.py MODEL_DIR OUT
 
-With a third argument ``composed``, on 4 processes: the cases of ``GUIDANCE_CASES`` with the guidance branches
+With a third argument ``composed``, on 4 processes: the cases of ``COMPOSED_CASES`` with the guidance branches
 on two groups of two processes that split the sequences by Ulysses.
 """
 
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import ring_kernel  # noqa: E402
 from test_context_parallel import (  # noqa: E402
     CASES,
+    COMPOSED_CASES,
     GUIDANCE_CASES,
     RING_CASES,
     cache_rows,
@@ -56,7 +57,7 @@ def main(model_dir: str, out: str, composed: str = "") -> None:
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     if composed:
-        found = run(model_dir, GUIDANCE_CASES, "composed/", ulysses=world // 2, guidance=2)
+        found = run(model_dir, COMPOSED_CASES, "composed/", ulysses=world // 2, guidance=2)
     else:
         found = run(model_dir, CASES, "", ulysses=world)
         ring_kernel.install()

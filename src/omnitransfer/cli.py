@@ -386,14 +386,13 @@ def _generate(args: argparse.Namespace) -> None:
 def _check_generation(args: argparse.Namespace, world_size: int | None) -> list[tuple[Task, Path]]:
     """``generate``'s inputs, checked before anything loads (``world_size``: the processes of a context-parallel
     run, else None); its references as (task, path)."""
-    from .context_parallel import check_degrees
+    from .context_parallel import check_degrees, check_guidance_split
 
     if world_size is not None:
-        if args.cfg_parallel and args.guidance is not None and args.guidance <= 1:
-            raise InputError(f"--guidance {args.guidance}: --cfg-parallel splits the two guidance branches; "
-                             "expected a scale above 1")  # fmt: skip
+        guidance = 2 if args.cfg_parallel else 1
+        check_guidance_split(guidance, args.guidance, "--guidance")
         check_degrees(args.ulysses, args.ring, world_size, folder_sizes(args.model).heads or None, args.attention,
-                      guidance=2 if args.cfg_parallel else 1)  # fmt: skip
+                      guidance=guidance)  # fmt: skip
         if args.offload != "none":
             raise InputError(f"--offload {args.offload}: not with --ulysses/--ring/--cfg-parallel (each GPU holds "
                              "its own copy)")  # fmt: skip

@@ -66,6 +66,13 @@ def check_degrees(
         )
 
 
+def check_guidance_split(guidance: int, scale: float | None, what: str) -> None:
+    """One line (InputError, naming the guidance scale ``what``) when the two guidance branches are split over
+    processes (``guidance`` 2) but guidance is off (a ``scale`` of 1 or less; None: not known yet)."""
+    if guidance > 1 and scale is not None and scale <= 1.0:
+        raise InputError(f"{what} {scale}: --cfg-parallel splits the two guidance branches; expected a scale above 1")
+
+
 def cp_plan() -> dict:
     """Where diffusers splits and gathers: the three seams every method's transformer has (module docstring)."""
     from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput

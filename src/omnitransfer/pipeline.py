@@ -16,7 +16,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, UMT
 
 from .codecs import WanVAECodec, load_codec, to_uint8, to_unit_range
 from .conditioning import target_condition
-from .context_parallel import Layout
+from .context_parallel import Layout, check_guidance_split
 from .errors import InputError, check_sampler, check_seed
 from .files import read_document
 from .limits import ModelSizes, check_generation, check_settings, resolve
@@ -423,9 +423,8 @@ class OmniTransferPipeline:
         layout = self.context_parallel
         if layout is not None and hasattr(steps_cache, "layout"):
             steps_cache.layout = layout  # every process decides on all the tokens, so all skip alike
-        if layout is not None and layout.splits_guidance and guidance <= 1.0:
-            raise InputError(f"guidance_scale {guidance}: --cfg-parallel splits the two guidance branches; "
-                             "expected a scale above 1")  # fmt: skip
+        if layout is not None:
+            check_guidance_split(layout.guidance, guidance, "guidance_scale")
         check_generation(  # before anything is allocated
             ModelSizes.of_pipeline(self), named_frames, named_height, named_width, named_steps,
             resolve(None, "", s, self.folder, "text_max_length"),
@@ -468,7 +467,7 @@ class OmniTransferPipeline:
                 self.transformer, noise, condition, text, image_tokens, refs, solver, steps, guidance,
                 use_reference_cache=use_reference_cache and self.transformer.caches_references, progress=progress,
                 on_step=on_step, step_cache=steps_cache, offload_references=self.offload in STREAMED,
-                layout=self.context_parallel,
+                layout=layout,
             )  # fmt: skip
         if output_type == "latent":
             return latents
