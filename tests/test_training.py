@@ -96,6 +96,22 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     }
 
 
+def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    """The names of ``a``'s tensors that ``b`` holds other values (or shapes) for."""
+    return [name for name in a if not torch.equal(a[name], b[name])]
+
+
+def stopped_after(run: Path, step: int, copy: Path) -> Path:
+    """A copy of a finished ``run`` as if it had stopped after its checkpoint of ``step``: the later checkpoints and
+    the export gone."""
+    shutil.copytree(run, copy)
+    for later in (run / "checkpoints").glob("step-*"):
+        if int(later.name[5:]) > step:
+            shutil.rmtree(copy / "checkpoints" / later.name)
+    shutil.rmtree(copy / "model")
+    return copy
+
+
 def saved_state(checkpoint: Path, scratch: Path) -> dict:
     """A sharded checkpoint's whole state ({"model": ..., "optimizer": ..., "ema": ...}), read in this process."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -182,13 +198,13 @@ def test_killed_run_resumes_bitwise(cache, tmp_path):
     resumed = train_here(cache, run, *sets, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = weights(tmp_path / "whole"), weights(run)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert differing(a, b) == []
     # the resumed part logs exactly the losses of the same steps of the uninterrupted run
     tail = losses(resumed.stdout)
     assert tail == losses(whole.stdout)[-len(tail) :]
     # resuming a finished run trains nothing and exports the same weights (never the starting ones)
     assert train_here(cache, run, *sets, resume=True).returncode == 0
-    assert all(torch.equal(a[k], weights(run)[k]) for k in a)
+    assert differing(a, weights(run)) == []
 
 
 def test_a_sharded_checkpoint_resumes_on_the_same_or_another_number_of_processes(cache, tmp_path):
@@ -204,31 +220,25 @@ def test_a_sharded_checkpoint_resumes_on_the_same_or_another_number_of_processes
     saved = tmp_path / "whole" / "checkpoints" / "step-00000002"
     assert not list(saved.glob("*.safetensors")) and len(list((saved / "state").glob("*.distcp"))) == 2
 
-    def from_step_2(name: str) -> Path:
-        run = tmp_path / name
-        shutil.copytree(tmp_path / "whole", run)
-        shutil.rmtree(run / "checkpoints" / "step-00000004")
-        shutil.rmtree(run / "model")
-        return run
-
-    same = train(cache, from_step_2("same"), *sets, resume=True, procs=2)
+    same = train(cache, stopped_after(tmp_path / "whole", 2, tmp_path / "same"), *sets, resume=True, procs=2)
     assert same.returncode == 0, same.stderr[-2000:]
     final = weights(tmp_path / "whole")
-    assert all(torch.equal(final[k], weights(tmp_path / "same")[k]) for k in final)
+    assert differing(final, weights(tmp_path / "same")) == []
     assert losses(same.stdout) == losses(whole.stdout)[-2:]
 
-    one = train_here(cache, from_step_2("one"), *sets[:-2], "parallel.strategy=none", "ema_decay=0.9", resume=True)
+    one_run = stopped_after(tmp_path / "whole", 2, tmp_path / "one")
+    one = train_here(cache, one_run, *sets[:-2], "parallel.strategy=none", "ema_decay=0.9", resume=True)
     assert one.returncode == 0, one.stderr[-2000:]
     assert losses(one.stdout) == losses(whole.stdout)[-2:]
     resumed = weights(tmp_path / "one")
-    assert [k for k in final if not torch.equal(final[k], resumed[k])] == []
+    assert differing(final, resumed) == []
 
     # and one process from the start (the whole starting weights, the same LoRA factors) ends where two did
     alone = train_here(cache, tmp_path / "alone", *sets[:-2], "parallel.strategy=none", "ema_decay=0.9")
     assert alone.returncode == 0, alone.stderr[-2000:]
     assert losses(alone.stdout) == losses(whole.stdout)
     unsplit = weights(tmp_path / "alone")
-    assert [k for k in final if not torch.equal(final[k], unsplit[k])] == []
+    assert differing(final, unsplit) == []
 
 
 def as_whole_tensors(checkpoint: Path, scratch: Path) -> None:
@@ -251,16 +261,13 @@ def test_a_checkpoint_of_whole_tensors_from_before_sharding_resumes_bitwise(cach
     sets = ("stages=[{name: dit, steps: 4, trainable: blocks}]", "checkpoint_every=2", "ema_decay=0.9")
     whole = train_here(cache, tmp_path / "whole", *sets)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    run = tmp_path / "old"
-    shutil.copytree(tmp_path / "whole", run)
-    shutil.rmtree(run / "checkpoints" / "step-00000004")
-    shutil.rmtree(run / "model")
+    run = stopped_after(tmp_path / "whole", 2, tmp_path / "old")
     as_whole_tensors(run / "checkpoints" / "step-00000002", tmp_path)
     resumed = train_here(cache, run, *sets, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert losses(resumed.stdout) == losses(whole.stdout)[-2:]
     final, again = weights(tmp_path / "whole"), weights(run)
-    assert [k for k in final if not torch.equal(final[k], again[k])] == []
+    assert differing(final, again) == []
 
 
 def test_checkpoint_of_another_architecture_stops_before_training(cache, tmp_path):
@@ -518,7 +525,7 @@ def test_a_model_built_empty_and_read_by_name_starts_as_one_loaded_whole(method,
             lora.draw_factors(model, seed=7)
         models.append(model.state_dict())
     whole, read = models
-    assert whole.keys() == read.keys() and [k for k in whole if not torch.equal(whole[k], read[k])] == []
+    assert whole.keys() == read.keys() and differing(whole, read) == []
     if method == "vap":
         assert torch.equal(read["blocks.0.attn1_mot_ref.to_q.weight" if not lora_rank else
                                 "blocks.0.attn1_mot_ref.to_q.base_layer.weight"],
